@@ -1,0 +1,89 @@
+"""The one interface every training backend implements.
+
+The SAP step (`sap_dist.sap`) and the trainer (`sap_dist.train`) are written once against
+`Backend`; nothing outside `sap_dist/backends/` names a backend. Each method states what SAP
+needs from it (see shared/SAP.md, "What distributed training must keep true").
+
+Conventions:
+- "trained weights" are the parameters with `requires_grad=True` (LoRA adapters or the full
+  model). A backend only ever touches the *local shard* of each one: no method may gather a
+  full parameter or gradient.
+- Gradients returned or used by a method are the data-parallel *mean* over ranks, exactly as
+  the optimizer would see them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    rank: int
+    """This process's data-parallel rank (0 on a single process)."""
+    world_size: int
+    """Number of data-parallel ranks."""
+    device: torch.device
+    """Device that batches must be moved to before `forward`."""
+    model: torch.nn.Module
+    """The wrapped model (call it to run a forward pass)."""
+
+    # --- passes -------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` into the trained weights' gradients. Never steps the
+        optimizer, never clears gradients. After it returns (and before the next zero_grad),
+        the gradient seen by `grad_sq_norm`/`add_scaled_grad_to_weights`/`optimizer_step` is
+        the data-parallel mean."""
+
+    def zero_grad(self) -> None:
+        """Clear the trained weights' gradients for real (a following backward starts
+        from zero, on every backend)."""
+
+    def optimizer_step(self) -> None:
+        """Clip (if configured), step the optimizer and the LR scheduler, then clear
+        gradients."""
+
+    def probe_grad(self, loss: torch.Tensor, probe: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gradient of `loss` with respect to the probe tensors only (no weight gradient is
+        computed or accumulated), averaged over data-parallel ranks so every rank holds the
+        same values."""
+
+    # --- global reductions ----------------------------------------------------------------
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place mean over data-parallel ranks (used for the probe gradient and for
+        scalar metrics). Returns `tensor`."""
+
+    def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place max over data-parallel ranks. Returns `tensor`."""
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared global L2 norm of the (mean) gradient of all trained weights: the sum of
+        shard-local squares, all-reduced. A 0-dim fp32 tensor, equal on every rank."""
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        """Squared global L2 norm of all trained weights, computed the same way."""
+
+    # --- perturbation ---------------------------------------------------------------------
+    def save_weights(self) -> Any:
+        """An exact copy of the local shard of every trained weight as the forward pass
+        computes with it (at most one shard's worth of extra memory)."""
+
+    def add_scaled_grad_to_weights(self, scale: float) -> None:
+        """W <- W + scale * grad, applied to the weights the next forward pass computes
+        with, shard by shard, with no gather."""
+
+    def restore_weights(self, saved: Any) -> None:
+        """Copy `saved` back into the weights: bitwise the state before the perturbation."""
+
+    # --- output ---------------------------------------------------------------------------
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The underlying (peft or transformers) model, for saving and hooks."""
+
+    def save_model(self, output_dir: str, tokenizer: Any | None) -> None:
+        """Write complete weights (or the adapter) plus tokenizer to `output_dir`, loadable
+        by a plain single-process transformers/peft session. Collective: every rank calls
+        it; rank 0 writes."""
+
+    def barrier(self) -> None:
+        """Wait for every rank."""

@@ -1,0 +1,53 @@
+"""Pieces every backend shares: the optimizer and LR schedule built from one spec."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimizerSpec:
+    """What the trainer asks of the weight optimizer; each backend builds it its own way."""
+
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 0.0
+    """Clip the global gradient norm to this before each step; 0 disables clipping."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many steps."""
+    total_steps: int = 1
+    """Number of optimizer steps in the run (for the schedule's decay)."""
+    schedule: str = "constant"
+    """'constant', 'linear' or 'cosine' decay after warm-up."""
+
+
+def lr_lambda(spec: OptimizerSpec):
+    """Multiplier of the peak LR at a given step, as a plain function (picklable by value)."""
+
+    def factor(step: int) -> float:
+        if spec.warmup_steps and step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.total_steps - spec.warmup_steps))
+        if spec.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(params, spec: OptimizerSpec):
+    """AdamW over `params` and its LambdaLR schedule."""
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    return optimizer, scheduler

@@ -1,0 +1,92 @@
+"""`single`: one process, plain PyTorch. The reference every other backend is compared with."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sap_dist.backends.common import OptimizerSpec, build_optimizer
+
+
+class SingleBackend:
+    """Plain PyTorch on one device; trained weights are the model's own tensors."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimizerSpec, device: torch.device | None = None):
+        self.rank = 0
+        self.world_size = 1
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trained parameters (none has requires_grad=True)")
+        self.max_grad_norm = optim.max_grad_norm
+        self.optimizer, self.scheduler = build_optimizer(self.params, optim)
+
+    # passes
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def optimizer_step(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.zero_grad()
+
+    def probe_grad(self, loss: torch.Tensor, probe: list[torch.Tensor]) -> list[torch.Tensor]:
+        # autograd.grad only runs the graph nodes on a path to the probe, so the backward
+        # stops at the lowest probed layer and no weight gradient is formed.
+        return list(torch.autograd.grad(loss, probe))
+
+    # reductions (one process: identities)
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        return _sq_norm([p.grad for p in self.params if p.grad is not None])
+
+    def weight_sq_norm(self) -> torch.Tensor:
+        return _sq_norm([p.detach() for p in self.params])
+
+    # perturbation
+    def save_weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_scaled_grad_to_weights(self, scale: float) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad.to(p.dtype), alpha=scale)
+
+    @torch.no_grad()
+    def restore_weights(self, saved: list[torch.Tensor]) -> None:
+        for p, s in zip(self.params, saved):
+            p.copy_(s)
+
+    # output
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.model
+
+    def save_model(self, output_dir: str, tokenizer=None) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+
+    def barrier(self) -> None:
+        pass
+
+
+def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32)
+    for t in tensors:
+        total += t.detach().float().pow(2).sum().cpu()
+    return total
