@@ -73,6 +73,10 @@ class Backend(Protocol):
         """W <- W + scale * grad, applied to the weights the next forward pass computes
         with, shard by shard, with no gather."""
 
+    def weight_sq_distance(self, saved: Any) -> torch.Tensor:
+        """Squared global L2 distance between the current weights (as the forward uses them)
+        and `saved`: how far a perturbation really moved them (it may round away in bf16)."""
+
     def restore_weights(self, saved: Any) -> None:
         """Copy `saved` back into the weights: bitwise the state before the perturbation."""
 

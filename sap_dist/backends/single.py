@@ -66,6 +66,9 @@ class SingleBackend:
             if p.grad is not None:
                 p.add_(p.grad.to(p.dtype), alpha=scale)
 
+    def weight_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
+        return _sq_norm([p.detach().float() - s.float() for p, s in zip(self.params, saved)])
+
     @torch.no_grad()
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
         for p, s in zip(self.params, saved):
