@@ -1,0 +1,315 @@
+"""The SAP step against an independent computation from torch.autograd.grad, on a tiny
+fp32 Llama with LoRA. The reference computation here implements the probe as a bias on
+`mlp.down_proj` and the optimizer by hand-built AdamW, so it shares no code with sap_dist.sap.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sap_dist.backends import OptimizerSpec
+from sap_dist.backends.single import SingleBackend
+from sap_dist.config import SapConfig
+from sap_dist.probe import Probe
+from sap_dist.sap import new_sap_state, sap_step, sft_step
+
+LAYERS = [1, 2]
+LR = 1e-2
+EPS = 1e-4  # Adam's eps well above float noise, so m/sqrt(v) does not amplify rounding in tiny grads
+
+
+def tiny_lora_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)  # random B: the adapters start non-zero
+    return peft.get_peft_model(model, lora)
+
+
+def batch(seed: int, n: int = 3, length: int = 10, prompt: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    mask = torch.ones_like(ids)
+    mask[-1, -3:] = 0  # one right-padded row: padding must not count
+    labels[-1, -3:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def safety_batch(seed: int, pairs: int = 2) -> dict[str, torch.Tensor]:
+    """pairs safe rows then pairs harmful rows sharing their prompts."""
+    b = batch(seed, n=2 * pairs)
+    b["input_ids"][pairs:, :4] = b["input_ids"][:pairs, :4]
+    return b
+
+
+def trained(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def layers_of(model):
+    return model.base_model.model.model.layers
+
+
+# ------------------------------------------------------------------------------------------
+# The independent reference
+
+
+def mean_nll(model, b) -> torch.Tensor:
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def seq_logp(model, b) -> torch.Tensor:
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return -nll.sum(1)
+
+
+def ref_safety_loss(model, b, form: str) -> torch.Tensor:
+    n = b["input_ids"].shape[0] // 2
+    if form == "difference":
+        half = lambda sl: {k: v[sl] for k, v in b.items()}  # noqa: E731
+        return mean_nll(model, half(slice(0, n))) - mean_nll(model, half(slice(n, None)))
+    logp = seq_logp(model, b)
+    return -F.logsigmoid(logp[:n] - logp[n:]).mean()
+
+
+def add_down_proj_bias(model, layers):
+    biases = []
+    for layer in layers:
+        down = layers_of(model)[layer].mlp.down_proj
+        down.bias = torch.nn.Parameter(torch.zeros(down.out_features))
+        biases.append(down.bias)
+    return biases
+
+
+class HandAdamW:
+    """AdamW written out, with persistent moments (torch defaults: betas .9/.999, wd .01)."""
+
+    def __init__(self, lr, wd=0.01, b1=0.9, b2=0.999, eps=1e-8):
+        self.lr, self.wd, self.b1, self.b2, self.eps, self.t, self.m, self.v = lr, wd, b1, b2, eps, 0, None, None
+
+    def step(self, params, grads):
+        self.t += 1
+        self.m = [torch.zeros_like(p) for p in params] if self.m is None else self.m
+        self.v = [torch.zeros_like(p) for p in params] if self.v is None else self.v
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
+            mhat, vhat = self.m[i] / (1 - self.b1**self.t), self.v[i] / (1 - self.b2**self.t)
+            out.append(p * (1 - self.lr * self.wd) - self.lr * mhat / (vhat.sqrt() + self.eps))
+        return out
+
+
+def lora_weights(model) -> list[torch.nn.Parameter]:
+    """The trained LoRA weights (not the probe biases the reference adds)."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+
+
+def ref_direction_scale(model, sb, form, rho):
+    w = lora_weights(model)
+    g = torch.autograd.grad(ref_safety_loss(model, sb, form), w)
+    gnorm = torch.sqrt(sum(x.pow(2).sum() for x in g))
+    wnorm = torch.sqrt(sum(x.detach().pow(2).sum() for x in w))
+    return [rho * wnorm * x / gnorm for x in g]
+
+
+def ref_probe_grads(model, biases, b, dw=None):
+    w = lora_weights(model)
+    saved = [p.detach().clone() for p in w]
+    with torch.no_grad():
+        for p, d in zip(w, dw or []):
+            p.add_(d)
+    u = torch.autograd.grad(mean_nll(model, b), biases)
+    with torch.no_grad():
+        for p, s in zip(w, saved):
+            p.copy_(s)
+    return u
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def run_sap(model, cfg: SapConfig, batches):
+    backend = SingleBackend(model, OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS))
+    probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
+    state = new_sap_state(probe, cfg)
+    probes = []
+    for tb, sb in batches:
+        tokens = float((tb["labels"][:, 1:] != -100).sum())
+        sap_step(backend, probe, tb, sb, tokens, cfg, state)
+        probes.append([v.clone() for v in state.last_probe])
+    return probes, state
+
+
+@pytest.mark.parametrize("form", ["difference", "logsigmoid"])
+def test_paper_step_matches_autograd(form):
+    cfg = SapConfig(variant="paper", safety_loss=form, rho=0.05, probe_step="beta", beta=3.0, probe_layers=LAYERS)
+    model = tiny_lora_model()
+    ref = copy.deepcopy(model)
+    tb, sb = batch(1), safety_batch(2)
+    probes, _ = run_sap(model, cfg, [(tb, sb)])
+
+    biases = add_down_proj_bias(ref, LAYERS)
+    dw = ref_direction_scale(ref, sb, form, cfg.rho)
+    u_harm = ref_probe_grads(ref, biases, tb, dw)
+    u_here = ref_probe_grads(ref, biases, tb)
+    v_safe = [cfg.beta * (a - b) for a, b in zip(u_harm, u_here)]
+    with torch.no_grad():
+        for bias, v in zip(biases, v_safe):
+            bias.copy_(v)
+    w = lora_weights(ref)
+    grads = torch.autograd.grad(mean_nll(ref, tb), w)
+    expected = HandAdamW(LR, eps=EPS).step([p.detach() for p in w], grads)
+
+    assert all(float(v.norm()) > 0 for v in v_safe)  # the check below is not about zeros
+    for got, want in zip(probes[0], v_safe):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    for got, want in zip(trained(model), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_paper_probe_changes_the_step():
+    """With a probe large enough to matter, the SAP weights differ from the SFT weights."""
+    cfg = SapConfig(variant="paper", rho=0.05, probe_step="relative", probe_relative_size=0.5, probe_layers=LAYERS)
+    sap_model, sft_model = tiny_lora_model(), tiny_lora_model()
+    tb, sb = batch(1), safety_batch(2)
+    run_sap(sap_model, cfg, [(tb, sb)])
+    backend = SingleBackend(sft_model, OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS))
+    sft_step(backend, None, tb, float((tb["labels"][:, 1:] != -100).sum()))
+    diff = max(float((a - b).abs().max()) for a, b in zip(trained(sap_model), trained(sft_model)))
+    assert diff > 1e-6
+
+
+def test_relative_probe_has_stated_size():
+    cfg = SapConfig(variant="paper", rho=0.05, probe_step="relative", probe_relative_size=0.1, probe_layers=LAYERS)
+    model = tiny_lora_model()
+    tb, sb = batch(1), safety_batch(2)
+    # measure the hidden-state norms independently: mean over real tokens of each layer output norm
+    out = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"], output_hidden_states=True)
+    mask = tb["attention_mask"].bool()
+    hidden_norms = [float(out.hidden_states[layer + 1][mask].norm(dim=-1).mean()) for layer in LAYERS]
+    probes, _ = run_sap(model, cfg, [(tb, sb)])
+    for v, h in zip(probes[0], hidden_norms):
+        assert math.isclose(float(v.norm()), 0.1 * h, rel_tol=1e-4)
+
+
+def test_reference_variant_lag_and_probe_adam():
+    cfg = SapConfig(variant="reference", safety_loss="difference", rho=0.05, probe_lr=0.05, probe_layers=LAYERS)
+    model = tiny_lora_model()
+    ref = copy.deepcopy(model)
+    data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
+    probes, state = run_sap(model, cfg, data)
+
+    biases = add_down_proj_bias(ref, LAYERS)
+    w = lora_weights(ref)
+    weight_opt, probe_opt = HandAdamW(LR, eps=EPS), HandAdamW(cfg.probe_lr)
+    v = [torch.zeros(32), torch.zeros(32)]
+    used = []
+    for tb, sb in data:
+        dw = ref_direction_scale(ref, sb, "difference", cfg.rho)
+        with torch.no_grad():
+            for bias, value in zip(biases, [torch.zeros(32)] * 2):
+                bias.copy_(value)
+        u_harm = ref_probe_grads(ref, biases, tb, dw)
+        with torch.no_grad():
+            for bias, value in zip(biases, v):
+                bias.copy_(value)
+        used.append([x.clone() for x in v])
+        grads = torch.autograd.grad(mean_nll(ref, tb), w + biases)
+        gw, u_here = grads[: len(w)], grads[len(w):]
+        new_w = weight_opt.step([p.detach() for p in w], gw)
+        with torch.no_grad():
+            for p, value in zip(w, new_w):
+                p.copy_(value)
+        # the probe is reset to zero, then one Adam step on -(u_harm - u_here)
+        v = probe_opt.step([torch.zeros(32)] * 2, [-(a - b) for a, b in zip(u_harm, u_here)])
+
+    assert all(float(x.norm()) == 0 for x in probes[0])  # step 0 has no probe yet
+    for got, want in zip(probes[1], used[1]):  # step 1 uses the probe computed from batch 0
+        assert float(want.norm()) > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    for got, want in zip(state.next_probe, v):  # moments persisted into the second probe update
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    for got, want in zip(trained(model), w):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturb_then_restore_is_bitwise(dtype):
+    model = tiny_lora_model().to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)  # full fine-tuning: every weight perturbed
+    backend = SingleBackend(model, OptimizerSpec())
+    before = [p.detach().clone() for p in trained(model)]
+    loss = mean_nll(model, batch(1))
+    backend.backward(loss)
+    saved = backend.save_weights()
+    backend.add_scaled_grad_to_weights(0.37)
+    assert float(backend.weight_sq_distance(saved)) > 0
+    backend.restore_weights(saved)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, trained(model)))
+
+
+def test_saturated_logsigmoid_still_gives_the_direction():
+    """A margin of thousands of nats makes -logsigmoid's gradient underflow to exactly zero;
+    the step's surrogate keeps its direction: -grad(margin) / |grad(margin)|."""
+    from sap_dist.sap import harmful_direction
+
+    cfg = SapConfig(safety_loss="logsigmoid", temperature=1e-4, rho=0.1)
+    model = tiny_lora_model()
+    sb = safety_batch(2, pairs=1)
+    logp = seq_logp(model, sb)
+    margin = (logp[0] - logp[1]) / cfg.temperature
+    sign = 1.0 if float(margin) > 0 else -1.0
+    cfg.temperature *= sign  # make the margin hugely positive: the loss is saturated
+    margin = margin * sign
+    assert float(margin) > 500
+    naive = torch.autograd.grad(-F.logsigmoid(margin), trained(model), allow_unused=True, retain_graph=True)
+    assert all(g is None or float(g.abs().max()) == 0 for g in naive)
+
+    dmargin = torch.autograd.grad((logp[0] - logp[1]) * sign, trained(model))
+    want = [-d / torch.sqrt(sum(x.pow(2).sum() for x in dmargin)) for d in dmargin]
+    backend = SingleBackend(model, OptimizerSpec())
+    metrics = {}
+    scale = harmful_direction(backend, sb, cfg, metrics)
+    assert scale > 0 and metrics["safety_degenerate"] == 0
+    gnorm = math.sqrt(float(backend.grad_sq_norm()))
+    for p, w in zip(trained(model), want):
+        torch.testing.assert_close(p.grad / gnorm, w, rtol=1e-4, atol=1e-6)
+    # the true |g| is reported in log space: exp(-margin) * |grad margin|, far below float range
+    assert -float(margin) / math.log(10) - 5 < metrics["safety_grad_log10_norm"] < -100
+
+
+def test_probe_hook_equals_down_proj_bias():
+    model = tiny_lora_model()
+    ref = copy.deepcopy(model)
+    values = [torch.randn(32), torch.randn(32)]
+    probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
+    probe.set(values)
+    probe.enabled = True
+    b = batch(5)
+    got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    biases = add_down_proj_bias(ref, LAYERS)
+    with torch.no_grad():
+        for bias, value in zip(biases, values):
+            bias.copy_(value)
+    want = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    probe.enabled = False
+    off = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert float((off - got).abs().max()) > 1e-3  # switching it off really removes it
