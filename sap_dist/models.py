@@ -1,0 +1,358 @@
+"""Loading the model to fine-tune, choosing its trained weights, and saving/reloading them.
+
+Sources (`ModelConfig.name_or_path`): the embedded SmolLM2 (`sap_dist.embedded`), a `.gguf`
+file, a local transformers directory, a hub id, or the seeded tiny random Llama for tests.
+Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see shared/PILOT.md:
+SAP's perturbation must be representable), every weight, or LoRA over a 4-bit NF4 base.
+
+Everything here is single-process; a backend wraps/shards the returned module afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sap_dist import embedded
+from sap_dist.config import EMBEDDED_MODEL, TINY_MODEL, ModelConfig, WeightsConfig
+
+if TYPE_CHECKING:  # transformers is imported lazily: importing this module stays cheap
+    from transformers import PreTrainedTokenizerBase
+
+INFO_FILE = "sap_dist_model.json"
+"""Written beside a saved adapter/model: how it was trained, so `load_trained` rebuilds the
+same base (4-bit for QLoRA, the tiny model's seed)."""
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Where the decoder layers live, per architecture family (first match wins).
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
+
+
+class ModelLoadError(RuntimeError):
+    """The model, tokenizer or trained weights could not be loaded; the message names what."""
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+
+
+def resolve_model(cfg: ModelConfig) -> tuple[str, str | None]:
+    """`(path or hub id, gguf file name or None)` to hand to `from_pretrained`.
+
+    The embedded model is fetched/converted on first use (may raise
+    `embedded.EmbeddedModelError`). The tiny model has no files: it resolves to the embedded
+    checkpoint, whose tokenizer it uses. Anything that is neither a local path nor the two
+    built-in names is returned unchanged as a hub id (not contacted here)."""
+    name = cfg.name_or_path
+    if name in (EMBEDDED_MODEL, TINY_MODEL):
+        return embedded.converted_dir(cfg.cache_dir), None
+    path = os.path.expanduser(name)
+    if path.lower().endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model.name_or_path {name!r}: GGUF file not found")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isdir(path):
+        return path, None
+    return name, None
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision is not None:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def _from_source(loader: Any, cfg: ModelConfig, what: str, **kwargs: Any) -> Any:
+    """`loader.from_pretrained` on the resolved source, turning a hub miss into a clear error."""
+    from huggingface_hub.errors import HFValidationError
+
+    path, gguf_file = resolve_model(cfg)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    is_hub_id = path == cfg.name_or_path and not os.path.isdir(os.path.expanduser(path))
+    try:
+        return loader.from_pretrained(path, **_hub_kwargs(cfg), **kwargs)
+    except (OSError, HFValidationError) as exc:
+        if not is_hub_id:
+            raise ModelLoadError(f"could not load the {what} from {path!r}: {exc}") from exc
+        raise ModelLoadError(
+            f"model.name_or_path {cfg.name_or_path!r} is neither a local path (directory or .gguf "
+            f"file) nor reachable on the Hugging Face hub"
+            f"{' (revision ' + repr(cfg.revision) + ')' if cfg.revision else ''}: {exc}"
+        ) from exc
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token (eos when it has none) and right padding,
+    which the loss masks assume."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_source(AutoTokenizer, cfg, "tokenizer")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of {cfg.name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------
+# Base models
+
+
+def tiny_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """The 4-layer random Llama with the embedded tokenizer's vocabulary, in fp32.
+
+    Its weights depend on `seed` only: built under a forked RNG so that every process that
+    builds it gets the same tensors, and the caller's RNG state is left untouched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(cfg)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if cfg.attn_implementation is not None:
+        config._attn_implementation = cfg.attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def _clear_gguf_quantizer(model: torch.nn.Module) -> None:
+    """GGUF weights arrive dequantized; drop the quantizer marks that would make peft and
+    save_pretrained treat the model as quantized (same as `embedded.converted_dir`)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _bnb_4bit_config(cfg: ModelConfig) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError(
+            "weights.method 'qlora' needs bitsandbytes: pip install bitsandbytes (or sap-dist[qlora])"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_DTYPES[cfg.dtype],
+    )
+
+
+def _qlora_device_map() -> dict[str, Any]:
+    """bitsandbytes quantizes while loading onto the target device, so a QLoRA base is loaded
+    straight onto this process's GPU (LOCAL_RANK under a launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return {"": "cpu"}
+
+
+def _keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a CPU Linear4bit's weight for its AVX512-BF16 kernel on the
+    first eval-mode no-grad forward, and keeps it so: every later forward, training included,
+    goes through that inference-only kernel, which has no autograd, so LoRA silently gets no
+    gradient after any evaluation pass. Turning the repack off keeps QLoRA on CPU correct
+    (and slower; QLoRA is meant for GPUs)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(cfg: ModelConfig, seed: int = 0, quantize_4bit: bool = False) -> torch.nn.Module:
+    """The base causal LM in `cfg.dtype` (or 4-bit NF4), untouched otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
+    if cfg.attn_implementation is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantize_4bit:
+        if cfg.name_or_path != TINY_MODEL and resolve_model(cfg)[1] is not None:
+            # transformers cannot re-quantize GGUF weights while loading them
+            raise ModelLoadError(
+                f"weights.method 'qlora' cannot load the GGUF file {cfg.name_or_path!r} in 4 bits; use a "
+                f"transformers directory or hub id (the embedded model's is {EMBEDDED_MODEL!r}), or lora"
+            )
+        kwargs["quantization_config"] = _bnb_4bit_config(cfg)
+        kwargs["device_map"] = _qlora_device_map()
+    if cfg.name_or_path == TINY_MODEL:
+        model = tiny_model(cfg, seed)
+        if not quantize_4bit:
+            return model.to(_DTYPES[cfg.dtype])
+        # Quantization happens inside from_pretrained, so go through a checkpoint on disk.
+        from transformers import LlamaForCausalLM
+
+        with tempfile.TemporaryDirectory(prefix="sapd-tiny-") as tmp:
+            model.save_pretrained(tmp)
+            model = LlamaForCausalLM.from_pretrained(tmp, **kwargs)
+        # Like a from-config model: no source path (peft would look the deleted one up on save).
+        model.name_or_path = model.config._name_or_path = ""
+    else:
+        model = _from_source(AutoModelForCausalLM, cfg, "model", **kwargs)
+        if resolve_model(cfg)[1] is not None:
+            _clear_gguf_quantizer(model)
+    if quantize_4bit:
+        _keep_cpu_4bit_trainable(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Trained weights
+
+
+def _qlora_base(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """4-bit base prepared by peft (frozen; norms, embeddings and head upcast to fp32), the
+    same for training and for reloading, so a reloaded adapter computes the same numbers."""
+    from peft import prepare_model_for_kbit_training
+
+    # No gradient checkpointing: SAP's probe passes take torch.autograd.grad, which the
+    # reentrant checkpoint does not support, and lora/full do not checkpoint either.
+    return prepare_model_for_kbit_training(load_base(cfg, seed, quantize_4bit=True), use_gradient_checkpointing=False)
+
+
+def _lora_config(weights: WeightsConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=weights.lora_r,
+        lora_alpha=weights.lora_alpha,
+        lora_dropout=weights.lora_dropout,
+        target_modules=list(weights.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _add_lora(model: torch.nn.Module, weights: WeightsConfig, seed: int) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    try:
+        # Seeded like the tiny model: lora_A is random, and every rank must start equal.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (shared/PILOT.md).
+            return get_peft_model(model, _lora_config(weights), autocast_adapter_dtype=True)
+    except ValueError as exc:
+        if "target" in str(exc).lower():
+            raise ModelLoadError(f"weights.target_modules {weights.target_modules}: {exc}") from exc
+        raise
+
+
+def load_model(cfg: ModelConfig, weights: WeightsConfig, seed: int = 0) -> torch.nn.Module:
+    """The model ready to train: only the weights named by `weights.method` require grad.
+
+    `seed` fixes the tiny model's weights and the LoRA adapters' initialisation, identically
+    in every process. `use_cache` is off (training never reuses past key/values)."""
+    method = weights.method
+    if method == "lora":
+        model = _add_lora(load_base(cfg, seed), weights, seed)
+    elif method == "full":
+        model = load_base(cfg, seed)
+        for param in model.parameters():
+            param.requires_grad_(True)
+    elif method == "qlora":
+        model = _add_lora(_qlora_base(cfg, seed), weights, seed)
+    else:
+        raise ModelLoadError(f"weights.method {method!r} is not one of lora, full, qlora")
+    model.config.use_cache = False
+    # Remembered for save_trained, so load_trained can rebuild the same base.
+    model.sap_dist_info = {"name_or_path": cfg.name_or_path, "method": method, "seed": seed}
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM, through peft and DDP/DeepSpeed-style wrappers."""
+    from peft import PeftModel
+
+    inner = model
+    while True:
+        if isinstance(inner, PeftModel):
+            inner = inner.get_base_model()
+        elif hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+            inner = inner.module  # DistributedDataParallel, DeepSpeedEngine, ...
+        else:
+            break
+    for dotted in _LAYER_PATHS:
+        obj: Any = inner
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ModelLoadError(
+        f"cannot find the decoder layers of {type(inner).__name__} (looked for {', '.join(_LAYER_PATHS)})"
+    )
+
+
+def trained_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Named parameters that require grad (the weights SAP perturbs and the optimizer steps)."""
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and reloading
+
+
+def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, output_dir: str) -> None:
+    """Write the adapter (peft) or the full model, the tokenizer, and `INFO_FILE`.
+    Single process: call it on rank 0 with the unwrapped model."""
+    from peft import PeftModel
+
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    info = dict(getattr(model, "sap_dist_info", {}))
+    if not info:  # a model that did not come from load_model: record what can be seen
+        quantized = getattr(model.get_base_model(), "is_loaded_in_4bit", False) if isinstance(model, PeftModel) else False
+        info = {"method": "qlora" if quantized else "lora" if isinstance(model, PeftModel) else "full"}
+    with open(os.path.join(output_dir, INFO_FILE), "w") as fh:
+        json.dump(info, fh, indent=2)
+
+
+def load_trained(output_dir: str, cfg: ModelConfig) -> torch.nn.Module:
+    """Reload `save_trained`'s output for evaluation (eval mode, cache on): `cfg`'s base plus
+    the adapter, or the saved full weights in `cfg.dtype`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info_path = os.path.join(output_dir, INFO_FILE)
+    info: dict[str, Any] = {}
+    if os.path.exists(info_path):
+        with open(info_path) as fh:
+            info = json.load(fh)
+    if os.path.exists(os.path.join(output_dir, "adapter_config.json")):
+        if cfg.name_or_path == TINY_MODEL and "seed" not in info:
+            raise ModelLoadError(f"{output_dir}: an adapter on {TINY_MODEL} needs the base's seed from {INFO_FILE}")
+        seed = int(info.get("seed", 0))
+        base = _qlora_base(cfg, seed) if info.get("method") == "qlora" else load_base(cfg, seed)
+        model = PeftModel.from_pretrained(base, output_dir, is_trainable=False, autocast_adapter_dtype=True)
+    elif os.path.exists(os.path.join(output_dir, "config.json")):
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
+        if cfg.attn_implementation is not None:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    else:
+        raise ModelLoadError(f"{output_dir} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+    model.config.use_cache = True
+    model.eval()
+    return model
