@@ -128,6 +128,9 @@ class SapConfig:
 class TrainConfig:
     output_dir: str = "runs/sap"
     """Directory for the adapter/weights, tokenizer, resolved config, metrics and summary."""
+    overwrite: bool = False
+    """Replace a run already in output_dir (otherwise that is an error, so nothing written
+    before is lost)."""
     seed: int = 0
     """Seed of weight init, data order and dropout."""
     epochs: float = 1.0
@@ -161,8 +164,28 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     backend: str = "auto"
-    """Training backend (see `sap_dist.backends.BACKENDS`); `auto` picks from the launcher's
-    environment (one process: `single`)."""
+    """Training backend: `single`, `ddp`, `zero2`, `zero3`, `zero3_offload`, `deepspeed`
+    (stage from `zero_stage` or the DeepSpeed config) or `fsdp2`. `auto` picks from the
+    launcher's environment: accelerate's DeepSpeed or FSDP config, else `ddp` for several
+    processes and `single` for one."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON config for the DeepSpeed backends (e.g. `ds_configs/zero3.json`); None
+    uses `$ACCELERATE_DEEPSPEED_CONFIG_FILE` if set, else built-in settings. Batch sizes,
+    optimizer, scheduler and clipping are always taken from this run's config, and the settings
+    SAP depends on (ZeRO-2 `contiguous_gradients: false`, ZeRO-3
+    `stage3_param_persistence_threshold: 0`) are enforced with a warning."""
+    zero_stage: Optional[int] = None
+    """ZeRO stage (2 or 3) for backend `deepspeed`; None takes it from the DeepSpeed config or
+    `$ACCELERATE_DEEPSPEED_ZERO_STAGE`, else 3."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state and fp32 master weights in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3: keep parameter partitions in CPU memory between uses."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free each layer's gathered weights after its forward (ZeRO-3-like memory);
+    false keeps them until backward (ZeRO-2-like, more memory, less communication)."""
+    timeout_minutes: float = 30.0
+    """Process-group timeout: how long a collective waits for the slowest rank."""
 
 
 @dataclass

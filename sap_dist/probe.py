@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sap_dist.config import ConfigError
+
 REFERENCE_LAYERS = (3, 9)
 """The reference code's probed layers, for a 32-layer model."""
 REFERENCE_DEPTH = 32
@@ -26,7 +28,7 @@ def check_probe_layers(layer_ids: list[int], num_layers: int) -> list[int]:
     """Validate user-chosen layers against the model's depth; returns them sorted, unique."""
     bad = [layer for layer in layer_ids if not 0 <= layer < num_layers]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"sap.probe_layers {bad} out of range: the model has {num_layers} decoder layers (valid: 0..{num_layers - 1})"
         )
     return sorted(set(layer_ids))

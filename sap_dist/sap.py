@@ -186,12 +186,13 @@ def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: d
     return 0.0 if degenerate else cfg.rho * weight_norm / grad_norm
 
 
-def _probe_pass(backend: Backend, probe: Probe, batch, global_tokens: float) -> list[torch.Tensor]:
-    """grad_V of the task loss at V = 0 (weights get no gradient)."""
+def _probe_pass(backend: Backend, probe: Probe, batch, global_tokens: float) -> tuple[list[torch.Tensor], float]:
+    """grad_V of the task loss at V = 0 (weights get no gradient), and the loss value."""
     probe.set(None)
     probe.enabled = True
     loss = task_loss(backend, batch, global_tokens)
-    return [g.detach().float() for g in backend.probe_grad(loss, probe.vectors)]
+    value = float(backend.all_reduce_mean_(loss.detach().clone()))
+    return [g.detach().float() for g in backend.probe_grad(loss, probe.vectors)], value
 
 
 def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapConfig) -> list[torch.Tensor]:
@@ -223,7 +224,7 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     dropout_rng = _rng_state(backend.device)  # u_harm and u_here see the same dropout masks
     with timer("probe_harm"):
         try:
-            u_harm = _probe_pass(backend, probe, task_batch, global_tokens)
+            u_harm, loss_harm = _probe_pass(backend, probe, task_batch, global_tokens)
         finally:
             backend.restore_weights(saved)  # exact copy back, never a subtraction
         del saved
@@ -232,9 +233,12 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         with timer("probe_here"):
             _set_rng_state(backend.device, dropout_rng)
             probe.start_norm_measurement(task_batch["attention_mask"])
-            u_here = _probe_pass(backend, probe, task_batch, global_tokens)
+            u_here, loss_here = _probe_pass(backend, probe, task_batch, global_tokens)
             norm_sums, tokens = probe.stop_norm_measurement()
             hidden_norms = backend.all_reduce_mean_(norm_sums.to(backend.device)).cpu() / (global_count(backend, tokens) / backend.world_size)
+        # What the perturbation did to the task loss the forward computed: exactly 0 means
+        # it was rounded away (e.g. a tiny rho against a bf16 forward), see PILOT.md.
+        metrics["perturb_loss_shift"] = loss_harm - loss_here
         v_safe = _scale_probe([a - b for a, b in zip(u_harm, u_here)], hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sap_dist.backends.common import OptimizerSpec, build_optimizer
@@ -79,10 +77,9 @@ class SingleBackend:
         return self.model
 
     def save_model(self, output_dir: str, tokenizer=None) -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        self.model.save_pretrained(output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+        from sap_dist.models import save_trained
+
+        save_trained(self.model, tokenizer, output_dir)
 
     def barrier(self) -> None:
         pass

@@ -1,0 +1,41 @@
+"""`sap-dist COMMAND ...`: one console script, one subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: sap-dist COMMAND [ARGS...]
+
+commands:
+  train               fine-tune with plain SFT or SAP (same program as python -m sap_dist.train)
+  check-equivalence   run every backend for real and compare with one process
+  config              print every config key with its default and meaning
+
+`sap-dist COMMAND --help` shows a command's own options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from sap_dist.train import main as train_main
+
+        return train_main(rest)
+    if command == "check-equivalence":
+        from sap_dist.equivalence import main as equivalence_main
+
+        return equivalence_main(rest)
+    if command == "config":
+        from sap_dist.config import describe
+
+        print(describe())
+        return 0
+    print(f"sap-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

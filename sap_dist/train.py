@@ -1,0 +1,314 @@
+"""Fine-tune a model with plain SFT or safety-aware probing (SAP).
+
+    python -m sap_dist.train --config quick [section.key=value ...]
+    accelerate launch -m sap_dist.train --config FILE ...      (the same program)
+    sap-dist train --config FILE ...                           (the same program)
+
+Reads top to bottom: resolve the config, prepare the output directory, load tokenizer,
+data and model, wrap the model in a backend, attach the probe, then loop over global
+batches taking one `sft_step` or `sap_step` each, logging every step, and save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from sap_dist.backends import OptimizerSpec, create_backend, launch_from_env
+from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
+from sap_dist.metrics import MetricsLog, peak_memory_mb
+from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
+from sap_dist.sap import NonFiniteLossError, new_sap_state, sap_step, sft_step
+
+OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
+"""Files whose presence means an output directory already holds a run."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (non-finite loss); the last good weights were saved."""
+
+
+@dataclass
+class Batches:
+    """Deterministic global batches: every rank computes the same order and takes its slice."""
+
+    features: list[dict]
+    global_size: int
+    seed: int
+    rank: int
+    world_size: int
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.features), generator=g).tolist()
+
+    def global_batch(self, step: int) -> list[dict]:
+        """The `step`-th global batch (epochs wrap; a short tail of an epoch is skipped)."""
+        per_epoch = len(self.features) // self.global_size
+        epoch, index = divmod(step, per_epoch)
+        ids = self.order(epoch)[index * self.global_size:(index + 1) * self.global_size]
+        return [self.features[i] for i in ids]
+
+    def local(self, rows: list[dict]) -> list[dict]:
+        share = len(rows) // self.world_size
+        return rows[self.rank * share:(self.rank + 1) * share]
+
+
+# ------------------------------------------------------------------------------------------
+# setup steps
+
+
+def _setup_output_dir(cfg: Config, rank: int) -> str:
+    out = cfg.train.output_dir
+    if rank == 0:
+        existing = [m for m in OUTPUT_MARKERS if os.path.exists(os.path.join(out, m))]
+        if existing and not cfg.train.overwrite:
+            raise ConfigError(
+                f"{out} already holds a run ({', '.join(existing)}); choose another train.output_dir "
+                f"or set train.overwrite=true to replace it"
+            )
+        os.makedirs(out, exist_ok=True)
+        if existing:
+            for marker in ("metrics.jsonl", "summary.json"):
+                if os.path.exists(os.path.join(out, marker)):
+                    os.remove(os.path.join(out, marker))
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    return out
+
+
+def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
+    from sap_dist import data
+
+    examples = data.load_task_examples(cfg.data.task, cfg.data.task_format, cfg.data.task_columns,
+                                       cfg.data.task_split, cfg.data.task_limit)
+    task, task_stats = data.encode_task(tokenizer, examples, cfg.data.max_length, cfg.data.truncation)
+    if len(task) < cfg.train.batch_size:
+        raise ConfigError(
+            f"{cfg.data.task}: {len(task)} usable task examples (of {len(examples)}), fewer than "
+            f"train.batch_size={cfg.train.batch_size}"
+        )
+    safety, safety_stats = None, None
+    if cfg.sap.method == "sap":
+        pairs = data.load_safety_pairs(cfg.data.safety, cfg.data.safety_columns, cfg.data.safety_split)
+        safety, safety_stats = data.encode_safety(tokenizer, pairs, cfg.data.safety_max_length, cfg.data.truncation)
+        if len(safety) < cfg.sap.safety_batch_size:
+            raise ConfigError(
+                f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than "
+                f"sap.safety_batch_size={cfg.sap.safety_batch_size}"
+            )
+    for name, size in (("train.batch_size", cfg.train.batch_size), ("sap.safety_batch_size", cfg.sap.safety_batch_size)):
+        if size % world_size:
+            raise ConfigError(f"{name}={size} is a global batch size and must divide evenly over {world_size} ranks")
+    return task, task_stats, safety, safety_stats
+
+
+def _total_steps(cfg: Config, n_examples: int) -> int:
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * (n_examples // cfg.train.batch_size)))
+
+
+def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
+    if cfg.sap.method != "sap":
+        return None, []
+    from sap_dist.models import decoder_layers
+
+    model = backend.unwrapped_model()
+    layers = decoder_layers(model)
+    ids = (check_probe_layers(cfg.sap.probe_layers, len(layers)) if cfg.sap.probe_layers is not None
+           else default_probe_layers(len(layers)))
+    hidden = model.config.hidden_size if hasattr(model, "config") else model.get_base_model().config.hidden_size
+    return Probe(layers, ids, hidden, backend.device), ids
+
+
+def _collate_task(rows: list[dict], pad_id: int, device) -> dict:
+    from sap_dist.data import collate
+
+    return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+
+
+def _collate_safety(pairs: list[dict], pad_id: int, device) -> dict:
+    """n safe sequences then their n harmful twins, in one batch."""
+    return _collate_task([p["safe"] for p in pairs] + [p["harmful"] for p in pairs], pad_id, device)
+
+
+def _response_tokens(rows: list[dict]) -> int:
+    """Response tokens in a batch, as the loss counts them (labels shifted by one)."""
+    return sum(sum(1 for label in row["labels"][1:] if label != -100) for row in rows)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    summary: dict
+    """What summary.json holds."""
+    model: torch.nn.Module
+    """The trained (unwrapped) model, still in memory."""
+    tokenizer: object
+    """The tokenizer saved beside it."""
+
+
+def run(cfg: Config) -> dict:
+    """Train according to `cfg`; returns the summary (also written to output_dir)."""
+    return train_model(cfg).summary
+
+
+def train_model(cfg: Config) -> TrainResult:
+    """Train according to `cfg`; returns the summary and the trained model."""
+    from sap_dist.models import load_model, load_tokenizer
+
+    started = time.time()
+    launch = launch_from_env()
+    rank, world_size = launch.rank, launch.world_size
+    out = _setup_output_dir(cfg, rank)
+    torch.manual_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
+    total_steps = _total_steps(cfg, len(task))
+
+    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed)
+    optim = OptimizerSpec(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                          max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
+                          total_steps=total_steps, schedule=cfg.train.lr_schedule)
+    backend = create_backend(cfg.dist.backend, model, optim, cfg.dist)
+    probe, probe_layers = _setup_probe(cfg, backend)
+    state = new_sap_state(probe, cfg.sap)
+    torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data
+
+    task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
+    safety_batches = (Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
+                      if safety else None)
+    log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg))
+    pad_id = tokenizer.pad_token_id
+    progress = tqdm(total=total_steps, disable=backend.rank != 0 or not cfg.train.progress_bar,
+                    desc=f"{cfg.sap.method}" + (f"/{cfg.sap.variant}" if cfg.sap.method == "sap" else ""))
+
+    status, stop_message, step, tokens_seen, step_times = "completed", None, 0, 0, []
+    try:
+        for step in range(total_steps):
+            t0 = time.perf_counter()
+            rows = task_batches.global_batch(step)
+            global_tokens = _response_tokens(rows)
+            batch = _collate_task(task_batches.local(rows), pad_id, backend.device)
+            if cfg.sap.method == "sap":
+                safety_rows = safety_batches.local(safety_batches.global_batch(step))
+                metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
+                                   float(global_tokens), cfg.sap, state)
+            else:
+                metrics = sft_step(backend, probe, batch, float(global_tokens))
+            step_time = time.perf_counter() - t0
+            step_times.append(step_time)
+            tokens = sum(len(r["input_ids"]) for r in rows)
+            tokens_seen += tokens
+            if step % cfg.train.log_every == 0 or step == total_steps - 1:
+                log.write(step + 1, metrics | {"lr": optim.lr * _lr_factor(optim, step), "step_time": step_time,
+                                               "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")
+        step = total_steps
+    except NonFiniteLossError as exc:
+        status = "stopped_nonfinite"
+        stop_message = f"step {step + 1}: {exc}; stopped before applying it, the last good weights are saved in {out}"
+    finally:
+        progress.close()
+        log.close()
+
+    backend.save_model(out, tokenizer)
+    if probe is not None and backend.rank == 0:
+        torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
+    summary = {
+        "status": status,
+        "message": stop_message,
+        "method": cfg.sap.method,
+        "variant": cfg.sap.variant if cfg.sap.method == "sap" else None,
+        "backend": type(backend).__name__,
+        "world_size": backend.world_size,
+        "probe_layers": probe_layers,
+        "steps": step,
+        "total_steps": total_steps,
+        "task_examples": len(task),
+        "task_truncated": task_stats.truncated,
+        "task_dropped": task_stats.dropped,
+        "safety_pairs": len(safety) if safety else 0,
+        "safety_truncated": safety_stats.truncated if safety_stats else 0,
+        "safety_dropped": safety_stats.dropped if safety_stats else 0,
+        "tokens_seen": tokens_seen,
+        "mean_step_time_s": sum(step_times) / len(step_times) if step_times else None,
+        "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
+        "wall_time_s": time.time() - started,
+        "peak_memory_mb": peak_memory_mb(backend.device),
+        "output_dir": os.path.abspath(out),
+        "metrics": os.path.abspath(os.path.join(out, "metrics.jsonl")),
+    }
+    if backend.rank == 0:
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+    backend.barrier()
+    if status != "completed":
+        raise TrainingStopped(stop_message)
+    return TrainResult(summary, backend.unwrapped_model(), tokenizer)
+
+
+def _lr_factor(optim: OptimizerSpec, step: int) -> float:
+    from sap_dist.backends.common import lr_lambda
+
+    return lr_lambda(optim)(step)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sap-dist train",
+        description="Fine-tune with plain SFT or SAP. Overrides: section.key=value or --section.key value.",
+        epilog="Run `sap-dist train --help-config` for every key with its default and meaning.",
+    )
+    parser.add_argument("--config", help="YAML config file, or a preset name (quick, smoke, tiny)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help_config:
+        print(describe())
+        return 0
+    try:
+        cfg = load_config(args.config, parse_overrides(rest))
+        summary = run(cfg)
+    except (ConfigError, TrainingStopped) as exc:
+        print(f"sap-dist train: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 3
+    except _user_errors() as exc:
+        print(f"sap-dist train: error: {exc}", file=sys.stderr)
+        return 2
+    if summary and launch_from_env().rank == 0:
+        print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
+              f"({summary['mean_step_time_s']:.2f} s/step)")
+        print(f"adapter/weights: {summary['output_dir']}")
+        print(f"metrics: {summary['metrics']}")
+        print(f"summary: {os.path.join(summary['output_dir'], 'summary.json')}")
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault: reported in one line, without a traceback."""
+    from sap_dist.data import DataError
+    from sap_dist.embedded import EmbeddedModelError
+    from sap_dist.models import ModelLoadError
+
+    return (DataError, EmbeddedModelError, ModelLoadError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
