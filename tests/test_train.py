@@ -1,0 +1,134 @@
+"""The trainer end to end: output directory, reload, entrypoints, and its bad-input paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sap_dist.config import ConfigError, load_config
+from sap_dist.metrics import read_metrics
+from sap_dist.train import TrainingStopped, main, run, train_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(tmp_path, *overrides):
+    return load_config("tiny", [f"train.output_dir={tmp_path}", "train.progress_bar=false", *overrides])
+
+
+@pytest.mark.parametrize("method", ["sft", "sap-paper", "sap-reference"])
+def test_tiny_run_writes_the_output_directory(tmp_path, method):
+    name, _, variant = method.partition("-")
+    cfg = tiny(tmp_path, f"sap.method={name}", f"sap.variant={variant or 'paper'}", "train.tensorboard=true")
+    summary = run(cfg)
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
+              "metrics.jsonl", "summary.json"):
+        assert os.path.exists(tmp_path / f), f
+    assert os.listdir(tmp_path / "tensorboard")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg  # the resolved config, complete
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["task_loss"] > 0 and r["step_time"] > 0 and r["tokens_per_s"] > 0
+        if name == "sap":
+            assert r["safety_grad_norm"] > 0 and "probe_norm" in r and "safety_loss" in r
+            assert r["perturb_norm_realized"] == pytest.approx(r["perturb_norm_intended"], rel=1e-3)
+    assert summary["steps"] == 3 and summary["status"] == "completed"
+    assert json.loads((tmp_path / "summary.json").read_text())["tokens_seen"] == summary["tokens_seen"] > 0
+    assert os.path.exists(tmp_path / "probe.pt") == (name == "sap")
+
+
+def test_sap_and_sft_train_differently(tmp_path):
+    """Same seed and data: the probe must change the weights SAP ends with."""
+    run(tiny(tmp_path / "sft", "sap.method=sft"))
+    run(tiny(tmp_path / "sap", "sap.method=sap", "sap.probe_relative_size=0.5"))
+    a = load_file(str(tmp_path / "sft" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "sap" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "sap"])
+def test_embedded_model_trains_and_reloads_to_the_same_logits(tmp_path, method):
+    from sap_dist.models import load_trained
+
+    cfg = load_config("quick", [f"train.output_dir={tmp_path}", "train.progress_bar=false", f"sap.method={method}",
+                                "train.max_steps=2", "train.batch_size=2", "sap.safety_batch_size=2",
+                                "data.max_length=64", "data.safety_max_length=64", "train.tensorboard=false"])
+    result = train_model(cfg)
+    assert result.summary["steps"] == 2
+    rows = read_metrics(str(tmp_path))
+    assert len(rows) == 2 and all(r["task_loss"] > 0 for r in rows)
+    ids = result.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    trained = result.model.eval()
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        got = load_trained(str(tmp_path), cfg.model)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, capsys):
+    # a learning rate of 1e36 blows the adapters up within a few steps until the forward overflows
+    cfg = tiny(tmp_path, "sap.method=sft", "train.learning_rate=1e36", "train.max_steps=10")
+    with pytest.raises(TrainingStopped, match=r"step \d+: task loss is (nan|inf)") as err:
+        run(cfg)
+    failed = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    assert 1 < failed < 10
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "stopped_nonfinite" and summary["steps"] == failed - 1
+    assert len(read_metrics(str(tmp_path))) == failed - 1  # every finished step logged, none after
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the failing update was not applied
+    assert max(float(w.abs().max()) for w in weights.values()) > 1e20  # the last good step's weights
+    assert main(["--config", "tiny", f"train.output_dir={tmp_path}/again", "train.progress_bar=false",
+                 "sap.method=sft", "train.learning_rate=1e36", "train.max_steps=10"]) == 3
+    assert f"step {failed}" in capsys.readouterr().err
+
+
+def test_probe_layer_out_of_range_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"sap.probe_layers \[7\] out of range: the model has 4 decoder layers"):
+        run(tiny(tmp_path, "sap.probe_layers=[1,7]"))
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1"))
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run.*train.overwrite=true"):
+        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=2"))
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert len(read_metrics(str(tmp_path))) == 1
+    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=2", "train.overwrite=true"))
+    assert len(read_metrics(str(tmp_path))) == 2  # replaced, not appended
+
+
+def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
+        run(tiny(tmp_path, "data.task_limit=3"))
+
+
+@pytest.mark.parametrize("launcher", [
+    [sys.executable, "-m", "sap_dist.train"],
+    [sys.executable, "-m", "sap_dist", "train"],
+    [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "-m", "sap_dist.train"],
+])
+def test_entrypoints_run_the_same_program(tmp_path, launcher):
+    out = tmp_path / "run"
+    proc = subprocess.run(launcher + ["--config", "tiny", f"train.output_dir={out}", "train.max_steps=1",
+                                      "train.progress_bar=false"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"adapter/weights: {out}" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_a_config_error_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sap_dist.train", "--config", "tiny", "sap.rh=1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert "unknown config key 'sap.rh'" in proc.stderr and "Traceback" not in proc.stderr
