@@ -9,6 +9,7 @@ USAGE = """usage: sap-dist COMMAND [ARGS...]
 commands:
   train               fine-tune with plain SFT or SAP (same program as python -m sap_dist.train)
   check-equivalence   run every backend for real and compare with one process
+  bench               measure SAP's step time and memory against plain fine-tuning
   config              print every config key with its default and meaning
 
 `sap-dist COMMAND --help` shows a command's own options."""
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from sap_dist.equivalence import main as equivalence_main
 
         return equivalence_main(rest)
+    if command == "bench":
+        from sap_dist.bench import main as bench_main
+
+        return bench_main(rest)
     if command == "config":
         from sap_dist.config import describe
 

@@ -122,6 +122,13 @@ class SapConfig:
     """AdamW learning rate of the probe (`reference` variant)."""
     safety_batch_size: int = 8
     """Contrastive pairs per step (global, split over ranks)."""
+    probe_every: int = 1
+    """Recompute the probe (safety direction and probe passes) every k steps and keep the
+    last probe in place for the steps between; 1 is the exact algorithm. The cost of the
+    extra passes is divided by k (see the README's performance section)."""
+    probe_batch_fraction: float = 1.0
+    """Share of the global task batch (its first rows) on which the probe passes estimate
+    u_harm and u_here; the weight step always uses the whole batch. 1 is exact."""
 
 
 @dataclass
@@ -184,8 +191,32 @@ class DistributedConfig:
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free each layer's gathered weights after its forward (ZeRO-3-like memory);
     false keeps them until backward (ZeRO-2-like, more memory, less communication)."""
-    timeout_minutes: float = 30.0
-    """Process-group timeout: how long a collective waits for the slowest rank."""
+    timeout_minutes: float = 10.0
+    """Process-group timeout: how long a collective waits for the slowest rank before the
+    waiting ranks fail (and exit non-zero). This bounds how long a hung or silently lost rank
+    can stall the others; it must exceed the longest legitimate wait (a checkpoint written by
+    rank 0 alone under `ddp`, a slow first step). torch's own default is 30 minutes."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    """Save a checkpoint after every N optimizer steps; 0 saves only when the run is asked to
+    stop (SIGTERM or SIGUSR1, see docs/reliability.md)."""
+    keep_last: int = 2
+    """How many complete checkpoints to keep; older ones are deleted once a newer one is
+    complete (never before)."""
+    resume_from: Optional[str] = None
+    """null: start at step 0. `auto`: continue from the newest complete checkpoint in
+    `checkpoint.dir`, skipping (and renaming to *.corrupt) any that fails verification, or
+    start at step 0 when there is none. A path: continue from exactly that checkpoint,
+    refused with the reason if it is partial, corrupt or from another config."""
+    dir: Optional[str] = None
+    """Where checkpoints are written and looked for; null = `<train.output_dir>/checkpoints`.
+    Every rank must see it (a shared filesystem when ranks span nodes)."""
+    verify: bool = True
+    """Record a SHA-256 of every checkpoint file when saving and check it before resuming
+    (computed in parallel, one share of the files per rank). Sizes are always checked."""
 
 
 @dataclass
@@ -202,6 +233,8 @@ class Config:
     """Optimisation, output and logging."""
     dist: DistributedConfig = field(default_factory=DistributedConfig)
     """How the work is spread over processes and devices."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints, resume and preemption."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -361,6 +394,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps must be at least 1, got {t.max_steps}")
+    if s.probe_every < 1:
+        raise ConfigError(f"sap.probe_every must be at least 1, got {s.probe_every}")
+    if not 0 < s.probe_batch_fraction <= 1:
+        raise ConfigError(f"sap.probe_batch_fraction must be in (0, 1], got {s.probe_batch_fraction}")
+    if cfg.checkpoint.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps must be 0 (off) or positive, got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}")
+    if not 0 < cfg.dist.timeout_minutes:
+        raise ConfigError(f"dist.timeout_minutes must be positive, got {cfg.dist.timeout_minutes}")
     if s.probe_layers is not None and not s.probe_layers:
         raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
 

@@ -31,7 +31,10 @@ class SapState:
     probe_optimizer: torch.optim.Optimizer | None = None
     """`reference` variant: the probe's own AdamW (its moments persist across steps)."""
     next_probe: list[torch.Tensor] | None = None
-    """`reference` variant: the probe computed at the previous step, used by this one."""
+    """The probe the next step uses if it does not recompute one (`reference`: the probe
+    computed at the previous refresh, which the next weight step always uses)."""
+    steps_done: int = 0
+    """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0)."""
     last_probe: list[torch.Tensor] = field(default_factory=list)
     """The probe the last weight step was taken with (saved as probe.pt)."""
 
@@ -208,11 +211,26 @@ def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapC
 
 
 def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_tokens: float,
-             cfg: SapConfig, state: SapState) -> dict:
-    """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe)."""
+             cfg: SapConfig, state: SapState, probe_batch=None, probe_tokens: float | None = None) -> dict:
+    """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe).
+
+    The probe passes run on `probe_batch` (default: the task batch) with `probe_tokens`
+    response tokens globally. Between refreshes (`cfg.probe_every` > 1) the step is a plain
+    training pass with the last probe in place."""
     metrics: dict = {}
     timer = _PassTimer(backend.device)
     probe.enabled = False
+    refresh = state.steps_done % cfg.probe_every == 0
+    state.steps_done += 1
+    metrics["probe_refreshed"] = int(refresh)
+    if not refresh:
+        with timer("train"):
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None)
+        state.last_probe = v_used
+        metrics["probe_norm"] = _norm(v_used)
+        return metrics | timer.times
+    if probe_batch is None:
+        probe_batch, probe_tokens = task_batch, global_tokens
 
     with timer("safety"):
         scale = harmful_direction(backend, safety_batch, cfg, metrics)
@@ -224,7 +242,7 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     dropout_rng = _rng_state(backend.device)  # u_harm and u_here see the same dropout masks
     with timer("probe_harm"):
         try:
-            u_harm, loss_harm = _probe_pass(backend, probe, task_batch, global_tokens)
+            u_harm, loss_harm = _probe_pass(backend, probe, probe_batch, probe_tokens)
         finally:
             backend.restore_weights(saved)  # exact copy back, never a subtraction
         del saved
@@ -232,8 +250,8 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     if cfg.variant == "paper":
         with timer("probe_here"):
             _set_rng_state(backend.device, dropout_rng)
-            probe.start_norm_measurement(task_batch["attention_mask"])
-            u_here, loss_here = _probe_pass(backend, probe, task_batch, global_tokens)
+            probe.start_norm_measurement(probe_batch["attention_mask"])
+            u_here, loss_here = _probe_pass(backend, probe, probe_batch, probe_tokens)
             norm_sums, tokens = probe.stop_norm_measurement()
             hidden_norms = backend.all_reduce_mean_(norm_sums.to(backend.device)).cpu() / (global_count(backend, tokens) / backend.world_size)
         # What the perturbation did to the task loss the forward computed: exactly 0 means
@@ -242,39 +260,52 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         v_safe = _scale_probe([a - b for a, b in zip(u_harm, u_here)], hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):
-            probe.set(v_safe)
-            probe.enabled = True
-            with torch.no_grad():
-                for v in probe.vectors:
-                    v.requires_grad_(False)
-            try:
-                _set_rng_state(backend.device, dropout_rng)
-                _train_pass(backend, task_batch, global_tokens, metrics)
-                _step(backend, metrics)
-            finally:
-                for v in probe.vectors:
-                    v.requires_grad_(True)
+            _set_rng_state(backend.device, dropout_rng)
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, v_safe, metrics, None)
+        state.next_probe = v_safe
     else:
         with timer("train"):
-            probe.set(state.next_probe)
-            probe.enabled = True
-            for v in probe.vectors:
-                v.grad = None
             _set_rng_state(backend.device, dropout_rng)
-            _train_pass(backend, task_batch, global_tokens, metrics)
+            u_here: list[torch.Tensor] = []
             # u_here comes from the same backward as the weight gradient (one-step lag)
-            u_here = [backend.all_reduce_mean_(v.grad.detach().float().clone()) for v in probe.vectors]
-            v_safe = [v.detach().clone() for v in probe.vectors]
-            _step(backend, metrics)
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, u_here)
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
-        metrics["probe_next_norm"] = float(torch.sqrt(sum(v.pow(2).sum() for v in state.next_probe)))
+        metrics["probe_next_norm"] = _norm(state.next_probe)
 
-    probe.enabled = False
-    probe.set(None)
-    state.last_probe = v_safe
-    metrics["probe_norm"] = float(torch.sqrt(sum(v.double().pow(2).sum() for v in v_safe)))
+    state.last_probe = v_used
+    metrics["probe_norm"] = _norm(v_used)
     return metrics | timer.times
+
+
+def _norm(vectors: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum(v.double().pow(2).sum() for v in vectors)))
+
+
+def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: float, values, metrics: dict,
+                      probe_grad_out: list | None) -> list[torch.Tensor]:
+    """Training pass and weight step with the probe set to `values` (None: zeros). If
+    `probe_grad_out` is a list, the probe's gradient from the same backward (DP mean) is
+    appended to it. Returns the probe values used."""
+    probe.set(values)
+    probe.enabled = True
+    want_grad = probe_grad_out is not None
+    for v in probe.vectors:
+        v.grad = None
+        v.requires_grad_(want_grad)  # no probe gradient unless asked: less work in backward
+    try:
+        _train_pass(backend, batch, global_tokens, metrics)
+        if want_grad:
+            probe_grad_out.extend(backend.all_reduce_mean_(v.grad.detach().float().clone()) for v in probe.vectors)
+        used = [v.detach().clone() for v in probe.vectors]
+        _step(backend, metrics)
+    finally:
+        for v in probe.vectors:
+            v.grad = None
+            v.requires_grad_(True)
+        probe.enabled = False
+        probe.set(None)
+    return used
 
 
 def reference_probe_update(probe: Probe, state: SapState, u_harm, u_here) -> list[torch.Tensor]:

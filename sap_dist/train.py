@@ -140,6 +140,14 @@ def _collate_safety(pairs: list[dict], pad_id: int, device) -> dict:
     return _collate_task([p["safe"] for p in pairs] + [p["harmful"] for p in pairs], pad_id, device)
 
 
+def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> list[dict]:
+    """The first rows of the global batch that the probe passes use: `fraction` of it,
+    rounded to a whole number of rows per rank (at least one), so every world size picks
+    the same rows."""
+    per_rank = max(1, round(fraction * len(rows) / world_size))
+    return rows[:per_rank * world_size]
+
+
 def _response_tokens(rows: list[dict]) -> int:
     """Response tokens in a batch, as the loss counts them (labels shifted by one)."""
     return sum(sum(1 for label in row["labels"][1:] if label != -100) for row in rows)
@@ -203,8 +211,11 @@ def train_model(cfg: Config) -> TrainResult:
             batch = _collate_task(task_batches.local(rows), pad_id, backend.device)
             if cfg.sap.method == "sap":
                 safety_rows = safety_batches.local(safety_batches.global_batch(step))
+                probe_rows = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
+                probe_batch = batch if len(probe_rows) == len(rows) else _collate_task(
+                    task_batches.local(probe_rows), pad_id, backend.device)
                 metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
-                                   float(global_tokens), cfg.sap, state)
+                                   float(global_tokens), cfg.sap, state, probe_batch, float(_response_tokens(probe_rows)))
             else:
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0

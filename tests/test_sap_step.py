@@ -144,30 +144,40 @@ def ref_probe_grads(model, biases, b, dw=None):
 # ------------------------------------------------------------------------------------------
 
 
-def run_sap(model, cfg: SapConfig, batches):
+def tokens_of(b) -> float:
+    return float((b["labels"][:, 1:] != -100).sum())
+
+
+def rows(b, n):
+    return {k: v[:n] for k, v in b.items()}
+
+
+def run_sap(model, cfg: SapConfig, batches, probe_rows: int | None = None):
     backend = SingleBackend(model, OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS))
     probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
     state = new_sap_state(probe, cfg)
-    probes = []
+    probes, metrics = [], []
     for tb, sb in batches:
-        tokens = float((tb["labels"][:, 1:] != -100).sum())
-        sap_step(backend, probe, tb, sb, tokens, cfg, state)
+        pb = rows(tb, probe_rows) if probe_rows else None
+        metrics.append(sap_step(backend, probe, tb, sb, tokens_of(tb), cfg, state, pb, tokens_of(pb) if pb else None))
         probes.append([v.clone() for v in state.last_probe])
+    run_sap.metrics = metrics
     return probes, state
 
 
-@pytest.mark.parametrize("form", ["difference", "logsigmoid"])
-def test_paper_step_matches_autograd(form):
+@pytest.mark.parametrize("form, probe_rows", [("difference", None), ("logsigmoid", None), ("difference", 2)])
+def test_paper_step_matches_autograd(form, probe_rows):
     cfg = SapConfig(variant="paper", safety_loss=form, rho=0.05, probe_step="beta", beta=3.0, probe_layers=LAYERS)
     model = tiny_lora_model()
     ref = copy.deepcopy(model)
     tb, sb = batch(1), safety_batch(2)
-    probes, _ = run_sap(model, cfg, [(tb, sb)])
+    probes, _ = run_sap(model, cfg, [(tb, sb)], probe_rows)
 
     biases = add_down_proj_bias(ref, LAYERS)
     dw = ref_direction_scale(ref, sb, form, cfg.rho)
-    u_harm = ref_probe_grads(ref, biases, tb, dw)
-    u_here = ref_probe_grads(ref, biases, tb)
+    pb = rows(tb, probe_rows) if probe_rows else tb  # the probe passes see only these rows
+    u_harm = ref_probe_grads(ref, biases, pb, dw)
+    u_here = ref_probe_grads(ref, biases, pb)
     v_safe = [cfg.beta * (a - b) for a, b in zip(u_harm, u_here)]
     with torch.no_grad():
         for bias, v in zip(biases, v_safe):
@@ -247,6 +257,24 @@ def test_reference_variant_lag_and_probe_adam():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     for got, want in zip(trained(model), w):
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_probe_every_k_reuses_the_probe_between_refreshes(variant):
+    cfg = SapConfig(variant=variant, rho=0.05, probe_every=3, probe_layers=LAYERS)
+    model = tiny_lora_model()
+    data = [(batch(i), safety_batch(10 + i)) for i in range(5)]
+    probes, state = run_sap(model, cfg, data)
+    metrics = run_sap.metrics
+    assert [m["probe_refreshed"] for m in metrics] == [1, 0, 0, 1, 0]
+    assert all("time_safety" not in m for m, r in zip(metrics, [1, 0, 0, 1, 0]) if not r)  # no extra passes
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    if variant == "paper":
+        assert same(probes[0], probes[1]) and same(probes[1], probes[2]) and not same(probes[2], probes[3])
+        assert probes[0][0].norm() > 0
+    else:  # step 0 trains at V=0, steps 1-3 with the probe from the refresh at step 0
+        assert probes[0][0].norm() == 0 and same(probes[1], probes[2]) and same(probes[2], probes[3])
+        assert probes[1][0].norm() > 0 and not same(probes[3], probes[4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

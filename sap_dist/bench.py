@@ -1,0 +1,246 @@
+"""`sap-dist bench`: what SAP costs over plain fine-tuning, measured side by side.
+
+Every method trains the same model (one backend, one optimizer) on the same global batches;
+methods take turns block by block in a rotating order, after a warm-up block, and each
+figure is the median over repeats. A block is `cycle` steps, the longest `probe_every` of
+the methods, so a method that refreshes its probe every k steps is charged for the refresh.
+Peak memory is measured per block: the process's peak resident set on CPU (reset through
+/proc/self/clear_refs), peak allocated memory on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from sap_dist.config import Config, SapConfig, load_config
+
+PRESETS = {
+    "tiny": {"config": "tiny", "repeats": 2, "overrides": []},
+    "quick": {"config": "quick", "repeats": 5, "overrides": []},
+    "full": {"config": "quick", "repeats": 10, "overrides": ["train.batch_size=16", "data.max_length=256"]},
+    "gpu": {"config": None, "repeats": 10, "overrides": []},
+}
+"""Bench presets: the training config each measures and how many repeats."""
+
+GPU_SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+}
+"""Real Llama 3 shapes, random-initialised (no weights are downloaded), for the GPU preset."""
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+"""Dense bf16 peak of common cards, for model FLOP utilisation."""
+
+
+def methods_for(cfg: Config) -> dict[str, SapConfig]:
+    """The configurations compared: plain, SAP as configured (the default), and both exact
+    variants (every step, whole batch)."""
+    exact = dict(probe_every=1, probe_batch_fraction=1.0)
+    sap = replace(cfg.sap, method="sap")
+    return {
+        "sft": replace(cfg.sap, method="sft"),
+        "sap_default": sap,
+        "sap_paper_exact": replace(sap, variant="paper", **exact),
+        "sap_reference_exact": replace(sap, variant="reference", **exact),
+    }
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident set
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as fh:
+        return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) / 1024
+
+
+def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
+    """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
+    from sap_dist.backends import OptimizerSpec, create_backend
+    from sap_dist.models import load_model, load_tokenizer
+    from sap_dist.sap import new_sap_state, sap_step, sft_step
+    from sap_dist.train import Batches, _collate_safety, _collate_task, _probe_rows, _response_tokens, _setup_data, _setup_probe
+
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    sap_cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
+    task, _, safety, _ = _setup_data(sap_cfg, tokenizer, 0, 1)
+    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed)
+    backend = create_backend(cfg.dist.backend, model, OptimizerSpec(lr=cfg.train.learning_rate,
+                             max_grad_norm=cfg.train.max_grad_norm), cfg.dist)
+    probe, layers = _setup_probe(sap_cfg, backend)
+    methods = methods_for(cfg)
+    states = {name: new_sap_state(probe, m) for name, m in methods.items()}
+    cycle = max(m.probe_every for m in methods.values())
+    task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
+    safety_batches = Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
+    pad = tokenizer.pad_token_id
+    dev = backend.device
+
+    def one_step(name: str, index: int) -> tuple[float, dict, int]:
+        m = methods[name]
+        rows = task_batches.global_batch(index)
+        batch = _collate_task(task_batches.local(rows), pad, dev)
+        tokens = float(_response_tokens(rows))
+        t0 = time.perf_counter()
+        if m.method == "sft":
+            metrics = sft_step(backend, probe, batch, tokens)
+        else:
+            probe_rows = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
+            pb = batch if len(probe_rows) == len(rows) else _collate_task(task_batches.local(probe_rows), pad, dev)
+            sb = _collate_safety(safety_batches.local(safety_batches.global_batch(index)), pad, dev)
+            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], pb, float(_response_tokens(probe_rows)))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0, metrics, sum(len(r["input_ids"]) for r in rows)
+
+    samples: dict[str, dict[str, list]] = {n: {"time": [], "mem": [], "tokens": [], "passes": []} for n in methods}
+    names = list(methods)
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate: no method always first
+        for name in order:
+            _reset_peak(dev)
+            times, tokens, passes = [], 0, {}
+            for j in range(cycle):
+                dt, metrics, n_tokens = one_step(name, r * cycle + j)
+                times.append(dt)
+                tokens += n_tokens
+                for key, value in metrics.items():
+                    if key.startswith("time_"):
+                        passes[key[5:]] = passes.get(key[5:], 0.0) + value / cycle
+            if r >= warmup:
+                s = samples[name]
+                s["time"].append(sum(times) / cycle)
+                s["mem"].append(_peak_mb(dev))
+                s["tokens"].append(tokens / sum(times))
+                s["passes"].append(passes)
+
+    result = {"machine": _machine(dev), "config": {"model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
+              "weights": cfg.weights.method, "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length,
+              "safety_batch_size": cfg.sap.safety_batch_size, "probe_layers": layers, "backend": type(backend).__name__},
+              "repeats": repeats, "steps_per_block": cycle, "methods": {}}
+    base_time = statistics.median(samples["sft"]["time"])
+    base_mem = statistics.median(samples["sft"]["mem"])
+    for name, s in samples.items():
+        passes = {k: statistics.median(p.get(k, 0.0) for p in s["passes"]) for k in sorted({k for p in s["passes"] for k in p})}
+        step_time = statistics.median(s["time"])
+        result["methods"][name] = {
+            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction")},
+            "step_time_s": step_time, "tokens_per_s": statistics.median(s["tokens"]),
+            "peak_memory_mb": statistics.median(s["mem"]), "time_ratio": step_time / base_time,
+            "peak_memory_ratio": statistics.median(s["mem"]) / base_mem, "passes_s": passes,
+            "mfu": _mfu(model, statistics.median(s["tokens"]), dev),
+        }
+    result["sap_over_sft_time"] = result["methods"]["sap_default"]["time_ratio"]
+    result["sap_over_sft_peak_memory"] = result["methods"]["sap_default"]["peak_memory_ratio"]
+    return result
+
+
+def _machine(dev: torch.device) -> dict:
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": str(dev),
+            "torch_threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _mfu(model, tokens_per_s: float, dev: torch.device) -> float | None:
+    """Model FLOP utilisation on a GPU: ~6 N FLOPs per token for full training, ~4 N for
+    LoRA (no weight gradients of the base), over the card's dense bf16 peak."""
+    if dev.type != "cuda":
+        return None
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(dev)), None)
+    if peak is None:
+        return None
+    n = sum(p.numel() for p in model.parameters())
+    full = all(p.requires_grad for p in model.parameters())
+    return (6 if full else 4) * n * tokens_per_s / (peak * 1e12)
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'method':<22}{'s/step':>9}{'x sft':>8}{'tokens/s':>10}{'peak MB':>10}{'x sft':>8}  passes (s)"]
+    for name, m in result["methods"].items():
+        passes = " ".join(f"{k}={v:.3f}" for k, v in m["passes_s"].items())
+        lines.append(f"{name:<22}{m['step_time_s']:>9.3f}{m['time_ratio']:>8.2f}{m['tokens_per_s']:>10.0f}"
+                     f"{m['peak_memory_mb']:>10.0f}{m['peak_memory_ratio']:>8.2f}  {passes}")
+    lines.append(f"sap_over_sft_time={result['sap_over_sft_time']:.3f}  "
+                 f"sap_over_sft_peak_memory={result['sap_over_sft_peak_memory']:.3f}  ({result['machine']['device']}, "
+                 f"{result['machine'].get('gpu', str(result['machine']['cpus']) + ' CPUs')}, median of {result['repeats']})")
+    return "\n".join(lines)
+
+
+def _gpu_config(shape: str, overrides: list[str]) -> Config:
+    """A config training a random-initialised model of a real Llama shape on the GPU."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    if not torch.cuda.is_available():
+        raise SystemExit("sap-dist bench: the gpu preset needs a CUDA GPU")
+    directory = tempfile.mkdtemp(prefix=f"sap-bench-{shape}-")
+    LlamaConfig(**GPU_SHAPES[shape], max_position_embeddings=8192).save_pretrained(directory)
+    # the embedded tokenizer stands in: token ids only need to be within the vocabulary
+    return load_config("quick", [f"model.name_or_path={directory}", "model.dtype=bf16",
+                                 "model.attn_implementation=" + ("flash_attention_2" if _has_flash() else "sdpa"),
+                                 "train.batch_size=8", "data.max_length=512", "train.tensorboard=false", *overrides])
+
+
+def _has_flash() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sap-dist bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--model", help="model.name_or_path to measure instead of the preset's")
+    parser.add_argument("--backend", help="dist.backend (default: the preset's)")
+    parser.add_argument("--repeats", type=int, help="measured blocks per method (default: the preset's)")
+    parser.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
+    args, overrides = parser.parse_known_args(argv)
+    preset = PRESETS[args.preset]
+    overrides = preset["overrides"] + [o[2:] if o.startswith("--") else o for o in overrides]
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.backend:
+        overrides.append(f"dist.backend={args.backend}")
+    results = {}
+    if args.preset == "gpu":
+        for shape in GPU_SHAPES:
+            cfg = _gpu_config(shape, overrides)
+            results[shape] = run_bench(cfg, args.repeats or preset["repeats"])
+            print(f"[{shape}]\n{format_table(results[shape])}")
+        output = {"preset": "gpu", "shapes": results}
+    else:
+        cfg = load_config(preset["config"], overrides)
+        output = {"preset": args.preset} | run_bench(cfg, args.repeats or preset["repeats"])
+        print(format_table(output))
+    with open(args.out, "w") as fh:
+        json.dump(output, fh, indent=2)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

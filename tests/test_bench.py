@@ -1,0 +1,49 @@
+"""`sap-dist bench` measures what it says: every method, the same batches, ratios of medians.
+(No timing assertions: speed targets live in the bench's output, not in tests.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sap_dist.bench import format_table, methods_for, run_bench
+from sap_dist.config import load_config
+
+
+def test_methods_compared():
+    cfg = load_config("tiny", ["sap.probe_every=4", "sap.probe_batch_fraction=0.5", "sap.variant=reference"])
+    methods = methods_for(cfg)
+    assert methods["sft"].method == "sft"
+    assert (methods["sap_default"].probe_every, methods["sap_default"].variant) == (4, "reference")
+    for name in ("sap_paper_exact", "sap_reference_exact"):
+        assert methods[name].probe_every == 1 and methods[name].probe_batch_fraction == 1.0
+
+
+def test_bench_reports_every_method_with_its_passes(tmp_path):
+    cfg = load_config("tiny", [f"train.output_dir={tmp_path}", "sap.probe_every=2"])
+    result = run_bench(cfg, repeats=2, warmup=0)
+    m = result["methods"]
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact"}
+    assert set(m["sft"]["passes_s"]) == {"train"}
+    assert set(m["sap_paper_exact"]["passes_s"]) == {"safety", "probe_harm", "probe_here", "train"}
+    assert set(m["sap_reference_exact"]["passes_s"]) == {"safety", "probe_harm", "train", "probe_update"}
+    assert result["steps_per_block"] == 2  # the default refreshes every 2 steps: charged per cycle
+    for name, row in m.items():
+        assert row["time_ratio"] == pytest.approx(row["step_time_s"] / m["sft"]["step_time_s"])
+        assert row["peak_memory_ratio"] == pytest.approx(row["peak_memory_mb"] / m["sft"]["peak_memory_mb"])
+        assert row["peak_memory_mb"] > 0 and row["tokens_per_s"] > 0
+    assert result["sap_over_sft_time"] == m["sap_default"]["time_ratio"]
+    assert "sap_over_sft_time=" in format_table(result)
+
+
+def test_bench_command_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "sap_dist", "bench", "--preset", "tiny", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["preset"] == "tiny" and "sap_over_sft_peak_memory" in data
+    assert "sap_paper_exact" in proc.stdout
