@@ -10,6 +10,7 @@ commands:
   train               fine-tune with plain SFT or SAP (same program as python -m sap_dist.train)
   check-equivalence   run every backend for real and compare with one process
   bench               measure SAP's step time and memory against plain fine-tuning
+  plan                per-GPU memory of a run from the model's config, and a config that fits
   config              print every config key with its default and meaning
 
 `sap-dist COMMAND --help` shows a command's own options."""
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from sap_dist.train import main as train_main
 
         return train_main(rest)
+    if command == "plan":
+        from sap_dist.plan import main as plan_main
+
+        return plan_main(rest)
     if command == "check-equivalence":
         from sap_dist.equivalence import main as equivalence_main
 
