@@ -1,0 +1,42 @@
+#!/bin/bash
+# One launcher per node: srun (from slurm/common.sh) runs this once on every node of the
+# allocation, so everything below is evaluated on that node: its node id, the GPUs and CPUs
+# Slurm gave it, whether it hosts the rendezvous. It runs torchrun with a c10d rendezvous on
+# the allocation's first node ($SAP_RDZV_ENDPOINT), which starts the node's training
+# processes: `python -m sap_dist.train --config $SAP_CONFIG ARGS...`.
+set -euo pipefail
+
+nproc=${SAP_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+node_id=${SLURM_NODEID:-0}
+nnodes=${SLURM_JOB_NUM_NODES:-1}
+cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+# CPU threads per training process: this node's CPU share split between its processes
+threads=$((cpus / nproc))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}
+# The first node hosts the rendezvous store; the others connect to it.
+is_host=false
+[ "$node_id" = 0 ] && is_host=true
+
+# Preemption: Slurm delivers SIGUSR1 (forwarded by the batch shell) and SIGTERM to every
+# process of the job step, the training processes included. Those checkpoint at the next
+# step boundary and exit 75; torchrun must outlive the signal meanwhile: it would die of
+# SIGUSR1, and on SIGTERM it kills its workers after 30 s. So the launcher ignores both
+# (the trainer installs its own handlers over the inherited "ignore"), and Slurm's
+# KillWait/GraceTime still bound how long a stop may take.
+trap '' USR1 TERM
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+
+cmd=("${SAP_PYTHON:-python3}" -m torch.distributed.run
+     --nnodes="$nnodes" --nproc-per-node="$nproc"
+     --rdzv-backend=c10d --rdzv-endpoint="$SAP_RDZV_ENDPOINT"
+     --rdzv-id="sap-${SLURM_JOB_ID:-0}-${SLURM_RESTART_COUNT:-0}" --rdzv-conf="is_host=$is_host"
+     --max-restarts=0
+     -m sap_dist.train --config "$SAP_CONFIG" "$@")
+
+echo "node $node_id/$nnodes $(hostname): $nproc process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, rendezvous host: $is_host"
+if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  exit 0
+fi
+exec "${cmd[@]}"

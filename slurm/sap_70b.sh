@@ -1,0 +1,43 @@
+#!/bin/bash
+# SAP fine-tuning, 70B: configs/sap_70b.yaml (Llama 3.1 70B Instruct, LoRA r=8 on q_proj/v_proj,
+# fp32 adapters over a bf16 base, DeepSpeed ZeRO-3), sized for 2 nodes x 8 GPUs of 80 GB
+# (16 GPUs, A100/H100 80GB). The memory plan, from
+#   sap-dist plan --config configs/sap_70b.yaml --gpus 16 --gpu-memory 80
+#   per-GPU memory, GiB           recommended
+#     weights                                 8.22
+#     gradients                               0.00
+#     optimizer state                         0.01
+#     SAP extra copy + probe                  0.00
+#     gathered weights (transient)            3.91
+#     activations                            31.54  (2 x 512 task, 2 x 256 safety)
+#     optimizer step (transient)              0.00
+#     reserve (CUDA, NCCL, fragmentation)     2.00
+#     peak per GPU                           45.69
+#     of                                     80.00
+#   FITS: no offload, no checkpointing, 2 sequence(s) per GPU (45.7 of 80 GiB)
+#
+# Submit from the sap-dist checkout (on a filesystem every node sees; logs go to logs/):
+#   sbatch slurm/sap_70b.sh                                  # 2 nodes x 8 GPUs
+#   sbatch --nodes=4 slurm/sap_70b.sh sap.safety_batch_size=32   # node count from the command line
+#   SAP_MODEL=/models/my-70b SAP_TASK_DATA=/data/task.jsonl sbatch slurm/sap_70b.sh
+#   sbatch slurm/sap_70b.sh train.max_steps=500 sap.rho=0.02  # config overrides
+# Batch sizes are global and must divide by the GPU count. Other GPU counts or memory
+# sizes: re-run `sap-dist plan` with them. Every environment variable (model, data, output,
+# backend, config, NCCL) and the preemption/requeue protocol are described in slurm/common.sh.
+#SBATCH --job-name=sap-70b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+SAP_RECIPE=configs/sap_70b.yaml
+# shellcheck source=slurm/common.sh
+source "${SAP_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+sap_run "$@"
