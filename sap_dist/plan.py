@@ -14,11 +14,11 @@ both shard every parameter, gradient and optimizer state over all N):
 
 | part | bytes per GPU |
 |---|---|
-| weights | base: P x w / N (QLoRA: the 4-bit base is *not* sharded: NF4 with double quantization, 0.5159 bytes per quantized weight, embeddings/head/norms in fp32, on every GPU); trained LoRA adapters: T x 4 / N (kept in fp32) |
+| weights | base: P x w / N (QLoRA: the 4-bit base is *not* sharded, as bitsandbytes weights are not partitioned by sap-dist's backends: NF4 with double quantization, 0.5159 bytes per quantized weight, embeddings/head/norms in fp32, on every GPU); trained LoRA adapters: T x 4 / N (kept in fp32); 0 under ZeRO-3 parameter offload |
 | gradients | T x t / N (t: trained dtype bytes; 0 under ZeRO-3 optimizer offload) |
 | optimizer state | ZeRO-3: T x 12 / N (fp32 master + Adam m, v); FSDP2: T x 2t / N (Adam m, v in the trained dtype, no master); 0 when offloaded |
 | optimizer step (transient) | ZeRO-3 only: the fp32 gradient of one sub-group, 4 x min(1e9, T / N) |
-| SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (on the CPU under parameter offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
+| SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (in CPU memory under parameter offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
 | gathered weights (transient) | the largest unit (decoder layer, embedding or head) gathered in full, twice (the one computing and the one prefetched): 2 x U x w (QLoRA: two dequantized linear weights); full fine-tuning adds that unit's unsharded gradient, U x t |
 | activations | the larger of SAP's task pass (b sequences of s tokens per GPU) and its safety pass (2 x b_safety sequences, safe and harmful, of s_safety tokens); per sequence of s tokens: per layer s x (4h + 2 a d + 2 kv d + 4 I) x w (norm inputs, q/k/v, attention output, gate/up/activation/product), LoRA adds s x in x 4 per adapted module per layer (its fp32 input), and the loss s x V x (w + 8) (logits, their fp32 copy and log-softmax). With activation checkpointing a layer keeps only its input, s x h x w, and one layer is recomputed at a time |
 | reserve | 2 GiB for the CUDA context, NCCL buffers and allocator fragmentation (`--reserve-gib`) |
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -260,7 +261,7 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     t = w if full else 4  # LoRA adapters are kept in fp32
     zero3 = s.backend == "zero3"
     off_opt = zero3 and s.offload_optimizer
-    off_par = zero3 and s.offload_params
+    off_par = zero3 and s.offload_params and s.method != "qlora"  # 4-bit weights are not offloaded
 
     out: dict[str, float] = {}
     if s.method == "qlora":
@@ -290,6 +291,7 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def checkpointing_key() -> Optional[str]:
     """The config key that turns activation checkpointing on, or None if sap-dist has none."""
     from sap_dist.config import all_keys
@@ -359,6 +361,8 @@ def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float
                   {"activation_checkpointing": True, "offload_optimizer": True, "offload_params": True}]:
         if base.backend != "zero3" and "offload_optimizer" in level:
             continue
+        if base.method == "qlora" and "offload_params" in level:
+            level = {k: v for k, v in level.items() if k != "offload_params"}
         s = dataclasses.replace(base, batch_per_gpu=b, safety_per_gpu=_safety_per_gpu(base.gpus, b, safety_batch_size), **level)
         alternatives.append((s, memory(arch, s, reserve_gib)))
     min_gpus = None
@@ -424,8 +428,10 @@ def render(plan: Plan) -> str:
         f"  {a.describe()}",
         f"run: {b.method} ({trained}: {_count(T)} trained), backend {b.backend}, {b.gpus} GPUs x "
         f"{plan.gpu_memory_gib:g} GiB, {b.dtype}, {'SAP' if b.sap else 'SFT'}; task {b.seq_len} tokens, safety pairs {b.safety_seq_len} tokens",
-        "",
     ]
+    if b.method == "qlora":
+        lines.append("  QLoRA: the 4-bit base is on every GPU (not sharded); only the adapters and their state are")
+    lines.append("")
     shown = plan.chosen or plan.alternatives[0][0]
     mem = plan.chosen_memory or plan.alternatives[0][1]
     header = "recommended" if plan.chosen else "batch 1, no offload"

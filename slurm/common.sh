@@ -167,8 +167,9 @@ sap_run() {
   started=$(date +%s)
   rcfile=$(mktemp)
   # srun in the background, so that this shell can run its traps while the job step runs
-  # (bash runs a trap only between commands; `wait` returns early for it)
-  ( r=0; "${srun_cmd[@]}" || r=$?; echo "$r" >"$rcfile" ) &
+  # (bash runs a trap only between commands; `wait` returns early for it). On a cancel Slurm
+  # sends SIGTERM to this whole batch step too: the wrapper outlives it to record srun's status.
+  ( trap '' TERM; r=0; "${srun_cmd[@]}" || r=$?; echo "$r" >"$rcfile" ) &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     if [ "$SAP_GOT_USR1" = 1 ]; then
@@ -183,7 +184,8 @@ sap_run() {
     fi
   done
   wait "$pid" 2>/dev/null || true
-  rc=$(cat "$rcfile" 2>/dev/null || echo 1)
+  rc=$(cat "$rcfile" 2>/dev/null || true)
+  rc=${rc:-1}
   rm -f "$rcfile"
   trap - USR1 TERM
   local status

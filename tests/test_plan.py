@@ -107,6 +107,8 @@ def test_qlora_base_is_not_sharded():
     base = quantized * plan.NF4_BYTES + (TINY_P - quantized) * 4
     assert one["weights"] == base + TINY_LORA_R4 * 4
     assert four["weights"] == base + TINY_LORA_R4 * 4 / 4
+    offload = memory(arch, Setup(method="qlora", gpus=4, lora_r=4, offload_optimizer=True, offload_params=True), 0)
+    assert offload["weights"] == four["weights"] and offload["optimizer"] == 0  # 4-bit weights stay on the GPU
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "smollm2-135m-instruct", "llama-2-7b", "llama-2-13b",
