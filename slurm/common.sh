@@ -72,6 +72,7 @@ sap_head_address() {
   local hosts head addr
   hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
   head=${hosts%%$'\n'*}
+  [ -n "$head" ] || return 1
   addr=$(scontrol show node "$head" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
   echo "${addr:-$head}"
 }
@@ -136,11 +137,20 @@ sap_run() {
     read -r -a extra <<<"$SAP_EXTRA_ARGS"
   fi
   args+=("${extra[@]}" "$@")
+  local arg
+  for arg in "${extra[@]}" "$@"; do  # an output_dir given as an override is the one to watch
+    case $arg in train.output_dir=* | --train.output_dir=*) SAP_OUTPUT_DIR=${arg#*=} ;; esac
+  done
 
   if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
     SAP_RDZV_ENDPOINT="${SAP_RDZV_HOST:-HEAD}:$SAP_RDZV_PORT"
   else
-    SAP_RDZV_ENDPOINT="$(sap_head_address):$SAP_RDZV_PORT"
+    local head_addr
+    if ! head_addr=$(sap_head_address); then
+      sap_log "cannot find the first node of $SLURM_JOB_NODELIST with scontrol; set SAP_RDZV_HOST"
+      return 2
+    fi
+    SAP_RDZV_ENDPOINT="$head_addr:$SAP_RDZV_PORT"
   fi
   export SAP_ROOT SAP_PYTHON SAP_CONFIG SAP_OUTPUT_DIR SAP_RDZV_ENDPOINT
 

@@ -115,6 +115,8 @@ def test_environment_overrides_reach_the_command_lines():
 def test_defaults_and_per_node_values():
     out = _dry_run({})
     assert "--config configs/sap_70b.yaml" in out and "train.output_dir=runs/sap-70b-77" in out
+    # an output directory given as an override is the one whose status decides a requeue
+    assert "output /scratch/o," in _dry_run({}, "train.output_dir=/scratch/o")
     # node.sh evaluates its values on the node: node 1 does not host the rendezvous
     env = dict(os.environ, SAP_DRY_RUN="1", SAP_PYTHON=sys.executable, SLURM_NODEID="1", SLURM_JOB_NUM_NODES="2",
                SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml")
@@ -283,9 +285,10 @@ CPU_OVERRIDES = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory):
+def uninterrupted(cluster, tmp_path_factory, embedded_dir):
     """The real slurm/sap_7b.sh on the tiny model, run to the end (also the reference for the
-    preemption round trip); its log goes where the script says, logs/sap-7b-<job>.out."""
+    preemption round trip); its log goes where the script says, logs/sap-7b-<job>.out.
+    (`embedded_dir`: the tiny model's tokenizer is cached before two ranks ask for it.)"""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
     started = time.time()
     job_id = cluster.sbatch(*CPU_OVERRIDES, "slurm/sap_7b.sh", env=_job_env(cluster, out))
