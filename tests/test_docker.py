@@ -187,3 +187,21 @@ def test_cpu_image_runs_the_embedded_preset_with_the_pinned_cpu_torch():
     assert _args(DOCKERFILES[1])["TORCH_INDEX_URL"].endswith("/whl/cpu")
     assert any(k == "RUN" and "-c constraints/cpu.txt torch" in v for k, v in instr)
     assert "torch==" in (ROOT / "constraints" / "cpu.txt").read_text()
+
+
+def test_a_non_editable_install_ships_presets_archs_and_data(tmp_path):
+    """What the CPU image's `pip install .` gets: the wheel carries the presets (the smoke
+    run's `quick`), the bundled data and the shipped model configs `sap-dist plan` reads."""
+    import zipfile
+
+    src = tmp_path / "src"  # what the Dockerfile copies, built outside the checkout (no build/ left there)
+    shutil.copytree(ROOT / "sap_dist", src / "sap_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert build.returncode == 0, build.stderr
+    names = zipfile.ZipFile(next((tmp_path / "dist").glob("sap_dist-*.whl"))).namelist()
+    for member in ("sap_dist/configs/quick.yaml", "sap_dist/archs/llama-3-70b.json", "sap_dist/data/task.jsonl",
+                   "sap_dist/data/safety_pairs.jsonl", "sap_dist/plan.py"):
+        assert member in names, member
