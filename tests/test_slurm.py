@@ -316,13 +316,15 @@ def test_sap_7b_script_runs_the_tiny_model_on_two_nodes(uninterrupted, cluster):
 
 
 def _has_checkpointing() -> bool:
+    """The trainer checkpoints on SIGUSR1 and resumes with checkpoint.resume_from=auto."""
     from sap_dist.config import all_keys
 
     try:
         from sap_dist.checkpoint import EXIT_REQUEUE  # noqa: F401
     except ImportError:
         return False
-    return "checkpoint.resume_from" in all_keys()
+    trainer = (ROOT / "sap_dist" / "train.py").read_text()
+    return "checkpoint.resume_from" in all_keys() and "StopRequest" in trainer and "resume" in trainer
 
 
 def test_preemption_signal_requeue_and_resume_to_the_same_weights(uninterrupted, cluster, tmp_path):
