@@ -19,7 +19,8 @@ def test_all_backends_and_variants_match_single(tmp_path, capsys):
     table = out[out.index("equivalence vs single"):]
     print(table)  # visible with -s / on failure
     assert code == 0, table
-    rows = [line.split() for line in table.splitlines()[3:] if line.strip()]
+    rows = [line.split() for line in table.splitlines()[3:]]
+    rows = [r for r in rows if len(r) > 1 and r[1] in ("paper", "reference")]
     judged = [r for r in rows if r[0] not in ("single",) and not r[0].startswith("single@")]
     assert len(judged) == 8 and all(r[-1] in ("ok", "(noise)") for r in judged), table
     # each run wrote what the comparison read: an adapter and the probe
@@ -46,7 +47,7 @@ def test_unknown_backend_is_refused(capsys):
 def test_max_rel_diff_is_relative_to_the_whole_set():
     want = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([1e-3, 0.0])}
     got = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([1e-3 + 2e-6, 0.0])}
-    assert max_rel_diff(got, want) == pytest.approx(1e-6)
+    assert max_rel_diff(got, want) == pytest.approx(1e-6, rel=1e-3)  # fp32 inputs
     assert max_rel_diff([torch.ones(3)], [torch.ones(3)]) == 0.0
     with pytest.raises(ValueError, match="missing"):
         max_rel_diff({"a": want["a"]}, want)
