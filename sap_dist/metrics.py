@@ -16,7 +16,9 @@ class MetricsLog:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors the numbers."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "sap-dist", run_config: dict | None = None):
+                 wandb_project: str = "sap-dist", run_config: dict | None = None, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events logged at
+        it and after by the interrupted run (metrics.jsonl is restored from the checkpoint)."""
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = open(self.path, "a") if enabled else None
@@ -25,7 +27,7 @@ class MetricsLog:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
         if enabled and wandb:
             try:
                 import wandb as wandb_module

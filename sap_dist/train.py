@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ import torch
 from tqdm import tqdm
 
 from sap_dist.backends import OptimizerSpec, create_backend, launch_from_env
+from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
+                                 Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
+                                 remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
@@ -66,17 +70,38 @@ class Batches:
 # setup steps
 
 
-def _setup_output_dir(cfg: Config, rank: int) -> str:
+def _unfinished(out: str) -> bool:
+    """The run in `out` never finished (no summary, or it was preempted): `auto` may restart it
+    from step 0 when it left no checkpoint."""
+    try:
+        with open(os.path.join(out, "summary.json")) as fh:
+            return json.load(fh).get("status") == "preempted"
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _setup_output_dir(cfg: Config, rank: int, resuming: bool = False) -> str:
+    """Create the output dir. An existing run there is an error unless `train.overwrite`
+    (which also deletes its checkpoints), the run resumes from a checkpoint, or
+    `checkpoint.resume_from=auto` finds an unfinished run without one (restarted)."""
     out = cfg.train.output_dir
     if rank == 0:
         existing = [m for m in OUTPUT_MARKERS if os.path.exists(os.path.join(out, m))]
-        if existing and not cfg.train.overwrite:
+        ckpt_dir = checkpoint_dir(cfg)
+        old_checkpoints = [os.path.basename(c.path) for c in list_checkpoints(ckpt_dir)]
+        restart = str(cfg.checkpoint.resume_from).lower() == "auto" and _unfinished(out)
+        if (existing or old_checkpoints) and not (cfg.train.overwrite or resuming or restart):
+            held = existing + ([f"checkpoints {', '.join(old_checkpoints[-2:])} in {ckpt_dir}"] if old_checkpoints else [])
             raise ConfigError(
-                f"{out} already holds a run ({', '.join(existing)}); choose another train.output_dir "
-                f"or set train.overwrite=true to replace it"
+                f"{out} already holds a run ({', '.join(held)}); choose another train.output_dir, "
+                f"set checkpoint.resume_from=auto to continue it, or train.overwrite=true to replace it"
             )
         os.makedirs(out, exist_ok=True)
-        if existing:
+        if not resuming:
+            remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
+        if existing and not resuming:
             for marker in ("metrics.jsonl", "summary.json"):
                 if os.path.exists(os.path.join(out, marker)):
                     os.remove(os.path.join(out, marker))
@@ -178,7 +203,8 @@ def train_model(cfg: Config) -> TrainResult:
     started = time.time()
     launch = launch_from_env()
     rank, world_size = launch.rank, launch.world_size
-    out = _setup_output_dir(cfg, rank)
+    candidates, explicit = resume_candidates(cfg, world_size)  # checkpoints to try, newest first
+    out = _setup_output_dir(cfg, rank, resuming=bool(candidates))
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -193,18 +219,30 @@ def train_model(cfg: Config) -> TrainResult:
     probe, probe_layers = _setup_probe(cfg, backend)
     state = new_sap_state(probe, cfg.sap)
     torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data
+    # Resume: backend state, SAP state, this rank's RNG and the metrics rows of the newest
+    # usable checkpoint. The data position is the step itself (Batches depends on step and seed).
+    checkpointer = Checkpointer(cfg, backend, out, data_fingerprint(task, safety), total_steps)
+    resumed = checkpointer.resume(candidates, explicit, state) if candidates else None
+    start_step = resumed["step"] if resumed else 0
+    if candidates and not resumed and backend.rank == 0:
+        for marker in ("metrics.jsonl", "summary.json"):  # nothing usable: a fresh start
+            if os.path.exists(os.path.join(out, marker)):
+                os.remove(os.path.join(out, marker))
 
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     safety_batches = (Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
                       if safety else None)
-    log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg))
+    log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg),
+                     purge_step=start_step + 1 if resumed else None)
     pad_id = tokenizer.pad_token_id
-    progress = tqdm(total=total_steps, disable=backend.rank != 0 or not cfg.train.progress_bar,
+    progress = tqdm(total=total_steps, initial=start_step, disable=backend.rank != 0 or not cfg.train.progress_bar,
                     desc=f"{cfg.sap.method}" + (f"/{cfg.sap.variant}" if cfg.sap.method == "sap" else ""))
 
-    status, stop_message, step, tokens_seen, step_times = "completed", None, 0, 0, []
+    status, stop_message, step = "completed", None, start_step
+    tokens_seen, step_times = (resumed["tokens_seen"], resumed["step_times"]) if resumed else (0, [])
+    stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint and exit EXIT_REQUEUE at the next step boundary
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             rows = task_batches.global_batch(step)
             global_tokens = _response_tokens(rows)
@@ -227,16 +265,32 @@ def train_model(cfg: Config) -> TrainResult:
                                                "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")
-        step = total_steps
+            # step boundary: a stop request on any rank stops every rank here
+            if backend.any_rank(stop.received is not None):
+                path = checkpointer.save(step + 1, tokens_seen, step_times, state)
+                status, step = "preempted", step + 1
+                stop_message = (f"stopped by {stop.received or 'a signal to another rank'} after step {step}; "
+                                f"checkpoint {path}; exit code {EXIT_REQUEUE} asks for a requeue "
+                                f"(resume with checkpoint.resume_from=auto)")
+                break
+            if checkpointer.due(step + 1):
+                checkpointer.save(step + 1, tokens_seen, step_times, state)
+        else:
+            step = total_steps
     except NonFiniteLossError as exc:
         status = "stopped_nonfinite"
         stop_message = f"step {step + 1}: {exc}; stopped before applying it, the last good weights are saved in {out}"
     finally:
+        if status != "preempted":
+            # a preempted run keeps its flag handlers until it exits: when the first rank
+            # exits, torchrun SIGTERMs the others, which must still exit EXIT_REQUEUE
+            stop.close()
         progress.close()
         log.close()
 
-    backend.save_model(out, tokenizer)
-    if probe is not None and backend.rank == 0:
+    if status != "preempted":  # a preempted run's state is in its checkpoint, not final
+        backend.save_model(out, tokenizer)
+    if probe is not None and backend.rank == 0 and status != "preempted":
         torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
     summary = {
         "status": status,
@@ -259,6 +313,8 @@ def train_model(cfg: Config) -> TrainResult:
         "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
         "wall_time_s": time.time() - started,
         "peak_memory_mb": peak_memory_mb(backend.device),
+        "resumed_from": resumed["path"] if resumed else None,
+        "last_checkpoint": checkpointer.last_saved,
         "output_dir": os.path.abspath(out),
         "metrics": os.path.abspath(os.path.join(out, "metrics.jsonl")),
     }
@@ -266,6 +322,8 @@ def train_model(cfg: Config) -> TrainResult:
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
     backend.barrier()
+    if status == "preempted":
+        raise Preempted(stop_message, checkpointer.last_saved)
     if status != "completed":
         raise TrainingStopped(stop_message)
     return TrainResult(summary, backend.unwrapped_model(), tokenizer)
@@ -297,6 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, parse_overrides(rest))
         summary = run(cfg)
+    except Preempted as exc:
+        # From here on the process only exits with EXIT_REQUEUE: when the first rank exits,
+        # torchrun SIGTERMs the others, and Python resets its own handlers to the default
+        # (terminate) during interpreter teardown; SIG_IGN is kept through it.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"sap-dist train: rank {launch_from_env().rank}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
+    except CheckpointWriteError as exc:
+        print(f"sap-dist train: rank {launch_from_env().rank}: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT_WRITE_FAILED
     except (ConfigError, TrainingStopped) as exc:
         print(f"sap-dist train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 3

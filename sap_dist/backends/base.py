@@ -91,3 +91,28 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Wait for every rank."""
+
+    # --- checkpoints and coordination (sap_dist.checkpoint) -------------------------------
+    checkpoint_format: str
+    """Name of the native format `save_checkpoint` writes (`torch.save`, `dcp`, `deepspeed`),
+    recorded in the checkpoint's meta.json."""
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write the trained weights, the optimizer state and the LR schedule into directory
+        `path` in the backend's native format (sharded where the backend shards: every rank
+        writes only its own shards, nothing is gathered). Frozen weights are not written.
+        Collective: every rank calls it with the same `path` (on a filesystem every rank
+        sees). Files are flushed to disk before it returns; an OSError (a full disk) is
+        raised, on every rank where the backend's format reports it."""
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what `save_checkpoint(path)` wrote into this freshly built backend (same
+        model, config and world size), so that the next step is the one the saving run
+        would have taken. Collective."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one rank (an all-reduce max):
+        how ranks agree on a stop request at a step boundary. Collective."""
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order, on every rank. Collective."""

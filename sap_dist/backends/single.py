@@ -84,6 +84,25 @@ class SingleBackend:
     def barrier(self) -> None:
         pass
 
+    # checkpoints (one torch.save file, see sap_dist/backends/checkpointing.py)
+    checkpoint_format = "torch.save"
+
+    def save_checkpoint(self, path: str) -> None:
+        from sap_dist.backends.checkpointing import save_full_state
+
+        save_full_state(self.model, self.optimizer, self.scheduler, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        from sap_dist.backends.checkpointing import load_full_state
+
+        load_full_state(self.model, self.optimizer, self.scheduler, path, self.device)
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
 
 def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32)
