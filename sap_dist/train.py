@@ -154,6 +154,15 @@ def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
     return Probe(layers, ids, hidden, backend.device), ids
 
 
+def _setup_chat_template(tokenizer) -> None:
+    """A tokenizer without a chat template (a base model) gets the documented plain one
+    (with a warning), and is saved with it, so inference renders prompts as training did."""
+    from sap_dist import data
+
+    if not data._has_template(tokenizer):  # logs the warning
+        tokenizer.chat_template = data.PLAIN_TEMPLATE
+
+
 def _collate_task(rows: list[dict], pad_id: int, device) -> dict:
     from sap_dist.data import collate
 
@@ -208,6 +217,7 @@ def train_model(cfg: Config) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
+    _setup_chat_template(tokenizer)
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
     total_steps = _total_steps(cfg, len(task))
 

@@ -132,3 +132,19 @@ def test_a_config_error_exits_2_with_one_line(tmp_path):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert "unknown config key 'sap.rh'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tokenizer_without_chat_template_gets_the_plain_one_and_keeps_it(smol_tokenizer, caplog):
+    import copy
+
+    from sap_dist.data import PLAIN_TEMPLATE
+    from sap_dist.train import _setup_chat_template
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.chat_template = None
+    with caplog.at_level("WARNING"):
+        _setup_chat_template(tokenizer)
+    assert tokenizer.chat_template == PLAIN_TEMPLATE  # saved with the tokenizer: inference matches
+    assert "no chat template" in caplog.text
+    _setup_chat_template(smol_tokenizer)
+    assert smol_tokenizer.chat_template != PLAIN_TEMPLATE  # a real template is left alone
