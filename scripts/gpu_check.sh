@@ -7,7 +7,7 @@
 # Usage: bash scripts/gpu_check.sh            (OUT defaults to /tmp/sap_gpu_check)
 # Needs torch with CUDA, transformers, peft, deepspeed; flash-attn optional. No network.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/sap_gpu_check}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"

@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + [ROOT / "scripts" / "ci_services.sh"]
+SCRIPTS = (sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh"))
+           + [ROOT / ".ci" / "run"])
+"""Every shell script in the project."""
 SLURM_TOOLS = ["slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "scancel", "sinfo"]
 # The tiny model on CPU through the 7B recipe: everything else (LoRA, SAP paper variant, ZeRO-3,
 # the DeepSpeed config) is the recipe's own.
@@ -69,7 +71,7 @@ def test_shellcheck_every_script():
     result = subprocess.run([_which("shellcheck"), "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert len(SCRIPTS) >= 6  # common.sh, node.sh, sap_7b/13b/70b.sh, ci_services.sh
+    assert len(SCRIPTS) >= 10  # slurm/ (5), scripts/ (4+), .ci/run
 
 
 @pytest.mark.parametrize("size", ["7b", "13b", "70b"])
