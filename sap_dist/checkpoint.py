@@ -470,10 +470,11 @@ class Checkpointer:
                 trainer = torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=True)
                 load_sap_state(sap_state, trainer["sap_state"], self.backend.device)
                 set_rng_state(torch.load(os.path.join(path, RNG_DIR, f"rank-{self.rank:05d}.pt"), weights_only=True))
-            except CheckpointError:
+            except (CheckpointError, KeyboardInterrupt, SystemExit):
                 raise
-            except Exception as exc:  # verified, yet unreadable: refuse rather than half-resume
-                raise CheckpointError(f"checkpoint {path} could not be loaded: {type(exc).__name__}: {exc}") from exc
+            except BaseException as exc:  # verified, yet unreadable: refuse rather than half-resume
+                raise CheckpointError(f"checkpoint {path} could not be loaded: {type(exc).__name__}: "
+                                      f"{_first_line(exc)}") from exc
             if self.rank == 0:
                 self._restore_metrics(path, trainer["step"])
             self.backend.barrier()
@@ -511,9 +512,13 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.last_saved or "none"
+            try:  # torch.save reports ENOSPC as "unexpected pos": say how much room there is
+                free = f"; {shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free in {self.directory}"
+            except OSError:
+                free = ""
             raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({what}): {errors[0]}"
                                        + (f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else "")
-                                       + f"; it was removed, the previous checkpoint ({previous}) is intact")
+                                       + f"{free}; it was removed, the previous checkpoint ({previous}) is intact")
 
     def save(self, step: int, tokens_seen: int, step_times: list[float], sap_state) -> str:
         """Write the checkpoint of the state after `step` steps; returns its path."""
@@ -548,8 +553,10 @@ class Checkpointer:
                     shutil.copyfile(metrics, os.path.join(tmp, METRICS))
                     with open(os.path.join(tmp, METRICS), "rb+") as fh:
                         os.fsync(fh.fileno())
-        except Exception as exc:  # OSError, DCP's CheckpointException, DeepSpeed's errors
-            error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        except BaseException as exc:  # OSError, DeepSpeed's errors, DCP's CheckpointException (a BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = f"rank {self.rank}: {type(exc).__name__}: {_first_line(exc)}"
         self._agree(error, tmp, "writing the state")
 
         # the manifest: sizes, and SHA-256 computed in parallel (file i by rank i % world)
@@ -607,6 +614,14 @@ class Checkpointer:
                 shutil.rmtree(old.path, ignore_errors=True)
         _log(self.rank, f"checkpoint {final} written in {time.perf_counter() - started:.1f} s")
         return final
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of an error (DCP's CheckpointException carries every rank's traceback)."""
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line.strip())]
+    return (errors[-1] if errors else lines[0] if lines else repr(exc)).strip()
 
 
 def _walk(root: str) -> list[str]:

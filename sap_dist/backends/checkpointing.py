@@ -120,14 +120,25 @@ def _dcp_options():
     return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def save_dcp(model: torch.nn.Module, optimizer, scheduler, path: str, rank: int) -> None:
-    """FSDP2: every rank writes its shards with DCP (collective); rank 0 adds the scheduler."""
-    import torch.distributed.checkpoint as dcp
+def _dcp_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """This rank's sharded state dicts of the trained weights and of the optimizer.
+    `ignore_frozen_params` misses a frozen weight tied to another one (a tied LM head lists
+    once in named_parameters, twice in the state dict), so only trained names are kept."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+    trained = set(trained_named_parameters(model))
+    return {k: v for k, v in model_sd.items() if k in trained}, optim_sd
+
+
+def save_dcp(model: torch.nn.Module, optimizer, scheduler, path: str, rank: int) -> None:
+    """FSDP2: every rank writes its shards with DCP (collective); rank 0 adds the scheduler."""
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd = _dcp_state(model, optimizer)
     # DCP gathers every rank's write result and raises the same CheckpointException on all
-    # ranks when one failed (a full disk), so no rank is left waiting.
+    # ranks when one failed (a full disk), so no rank is left waiting. (CheckpointException
+    # derives from BaseException, not Exception.)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     if rank == 0:
         save_synced(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
@@ -137,11 +148,12 @@ def save_dcp(model: torch.nn.Module, optimizer, scheduler, path: str, rank: int)
 def load_dcp(model: torch.nn.Module, optimizer, scheduler, path: str) -> None:
     """FSDP2: read this rank's shards back (collective) and restore the scheduler."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     options = _dcp_options()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd, optim_sd = _dcp_state(model, optimizer)
     trained = set(model_sd)
+    check_keys(trained, set(trained_named_parameters(model)), "trained weights")
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)  # in place, into this rank's shards
     result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
