@@ -74,7 +74,7 @@ def _peak_mb(device: torch.device) -> float:
 
 def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
-    from sap_dist.backends import OptimizerSpec, create_backend
+    from sap_dist.backends import OptimizerSpec, prepare_loading
     from sap_dist.models import load_model, load_tokenizer
     from sap_dist.sap import new_sap_state, sap_step, sft_step
     from sap_dist.train import Batches, _collate_safety, _collate_task, _probe_rows, _response_tokens, _setup_data, _setup_probe
@@ -83,9 +83,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     sap_cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
     task, _, safety, _ = _setup_data(sap_cfg, tokenizer, 0, 1)
-    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed)
-    backend = create_backend(cfg.dist.backend, model, OptimizerSpec(lr=cfg.train.learning_rate,
-                             max_grad_norm=cfg.train.max_grad_norm), cfg.dist)
+    loading = prepare_loading(cfg.dist.backend, cfg.dist)
+    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
+    backend = loading.wrap(model, OptimizerSpec(lr=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm))
     probe, layers = _setup_probe(sap_cfg, backend)
     methods = methods_for(cfg)
     states = {name: new_sap_state(probe, m) for name, m in methods.items()}

@@ -5,15 +5,21 @@ file, a local transformers directory, a hub id, or the seeded tiny random Llama 
 Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see shared/PILOT.md:
 SAP's perturbation must be representable), every weight, or LoRA over a 4-bit NF4 base.
 
-Everything here is single-process; a backend wraps/shards the returned module afterwards.
+Loading is single-process unless a `sap_dist.backends.Loading` is passed: then the base is
+built the way the backend that wraps it needs (partitioned over the ranks while constructed, or
+on the meta device with the real weights streamed in by the wrap), so no rank has to hold the
+whole model. The backend wraps/shards the returned module afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+import warnings
+import zlib
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -106,12 +112,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 # Base models
 
 
-def tiny_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """The 4-layer random Llama with the embedded tokenizer's vocabulary, in fp32.
-
-    Its weights depend on `seed` only: built under a forked RNG so that every process that
-    builds it gets the same tensors, and the caller's RNG state is left untouched."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_config(cfg: ModelConfig) -> Any:
+    from transformers import LlamaConfig
 
     tokenizer = load_tokenizer(cfg)
     config = LlamaConfig(
@@ -128,9 +130,53 @@ def tiny_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     )
     if cfg.attn_implementation is not None:
         config._attn_implementation = cfg.attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+    return config
+
+
+def _tiny_value(seed: int, name: str, shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """The tiny model's weight `name` (fp32): ones for a 1-D weight (the RMSNorms), else
+    N(0, std^2) from a generator seeded by `seed` and `name` only. Independent of the order
+    the model is built in and of how it is sharded, so every loading route builds the same
+    model, and a rank can produce one weight without building the others."""
+    if len(shape) == 1:
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g).mul_(std)
+
+
+def _base_key(name: str) -> str:
+    """The base model's name for a parameter named `name` in a peft (LoRA) model."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def tiny_model(cfg: ModelConfig, seed: int = 0, loading: Any = None) -> torch.nn.Module:
+    """The 4-layer random Llama with the embedded tokenizer's vocabulary, in `cfg.dtype`.
+
+    Its weights depend on `seed` only (`_tiny_value`); the caller's RNG state is left
+    untouched. With a `loading` (see `load_base`) it is built partitioned or on the meta
+    device, and no process ever holds all of it."""
+    from transformers import LlamaForCausalLM
+
+    config = _tiny_config(cfg)
+    dtype = _DTYPES[cfg.dtype]
+    build = loading.init_context(dtype) if loading is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), build:
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    std = config.initializer_range
+    if loading is not None and loading.meta:
+        model.tie_weights()  # accelerate's empty-weights context re-creates the tied parameter
+        if loading.provides_weights:
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            loading.set_weight_source(lambda n: _tiny_value(seed, _base_key(n), shapes[_base_key(n)], std))
+        return model
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # one (gathered) parameter at a time
+            with loading.writable([p]) if loading is not None else contextlib.nullcontext(True) as write:
+                if write:
+                    p.data.copy_(_tiny_value(seed, name, tuple(p.shape), std))
+    return model
 
 
 def _clear_gguf_quantizer(model: torch.nn.Module) -> None:
@@ -180,9 +226,51 @@ def _keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: ModelConfig, seed: int = 0, quantize_4bit: bool = False) -> torch.nn.Module:
-    """The base causal LM in `cfg.dtype` (or 4-bit NF4), untouched otherwise."""
+def _checkpoint_source(cfg: ModelConfig, model: torch.nn.Module, seed: int) -> Callable[[str], torch.Tensor]:
+    """`source(name) -> tensor` for meta loading: each weight read on its own from the
+    checkpoint's safetensors files when every parameter of `model` is found there under its
+    own name (the usual transformers directory); otherwise (GGUF, a hub id, renamed keys)
+    the whole model is loaded here once and its weights handed out."""
+    path, gguf_file = resolve_model(cfg)
+    names = [_base_key(n) for n, _ in model.named_parameters()]
+    files: dict[str, str] = {}
+    if gguf_file is None and os.path.isdir(path):
+        from safetensors import safe_open
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as fh:
+                files = {k: os.path.join(path, f) for k, f in json.load(fh)["weight_map"].items()}
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as fh:
+                files = {k: os.path.join(path, "model.safetensors") for k in fh.keys()}
+        if files and all(n in files for n in names):
+            handles: dict[str, Any] = {}
+
+            def source(name: str) -> torch.Tensor:
+                key = _base_key(name)
+                if files[key] not in handles:
+                    handles[files[key]] = safe_open(files[key], framework="pt")
+                return handles[files[key]].get_tensor(key)
+
+            return source
+    warnings.warn(f"{cfg.name_or_path}: weights cannot be read one by one (not a safetensors directory "
+                  f"with the model's own names); the first rank loads the whole model once to hand them out")
+    params = dict(load_base(cfg, seed).named_parameters())
+    return lambda name: params[_base_key(name)].detach()
+
+
+def load_base(cfg: ModelConfig, seed: int = 0, quantize_4bit: bool = False, loading: Any = None) -> torch.nn.Module:
+    """The base causal LM in `cfg.dtype` (or 4-bit NF4), untouched otherwise.
+
+    `loading` (a `sap_dist.backends.Loading`, from `prepare_loading`) makes it built for the
+    backend that will wrap it: partitioned over the ranks while constructed and loaded
+    (`loading.partitioned`), or on the meta device with a weight source for the wrap
+    (`loading.meta`). None: the whole model, in this process."""
     from transformers import AutoModelForCausalLM
+
+    if loading is not None and quantize_4bit:
+        raise ModelLoadError("a 4-bit (qlora) base is loaded whole on each rank; call load_base without loading")
 
     kwargs: dict[str, Any] = {"dtype": _DTYPES[cfg.dtype]}
     if cfg.attn_implementation is not None:
@@ -197,9 +285,9 @@ def load_base(cfg: ModelConfig, seed: int = 0, quantize_4bit: bool = False) -> t
         kwargs["quantization_config"] = _bnb_4bit_config(cfg)
         kwargs["device_map"] = _qlora_device_map()
     if cfg.name_or_path == TINY_MODEL:
-        model = tiny_model(cfg, seed)
+        model = tiny_model(cfg, seed, loading)
         if not quantize_4bit:
-            return model.to(_DTYPES[cfg.dtype])
+            return model
         # Quantization happens inside from_pretrained, so go through a checkpoint on disk.
         from transformers import LlamaForCausalLM
 
@@ -208,8 +296,19 @@ def load_base(cfg: ModelConfig, seed: int = 0, quantize_4bit: bool = False) -> t
             model = LlamaForCausalLM.from_pretrained(tmp, **kwargs)
         # Like a from-config model: no source path (peft would look the deleted one up on save).
         model.name_or_path = model.config._name_or_path = ""
+    elif loading is not None and loading.meta:
+        from transformers import AutoConfig
+
+        config = _from_source(AutoConfig, cfg, "model config")
+        with loading.init_context(kwargs["dtype"]):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        model.tie_weights()  # accelerate's empty-weights context re-creates the tied parameter
+        if loading.provides_weights:
+            loading.set_weight_source(_checkpoint_source(cfg, model, seed))
     else:
-        model = _from_source(AutoModelForCausalLM, cfg, "model", **kwargs)
+        build = loading.init_context(kwargs["dtype"]) if loading is not None else contextlib.nullcontext()
+        with build:
+            model = _from_source(AutoModelForCausalLM, cfg, "model", **kwargs)
         if resolve_model(cfg)[1] is not None:
             _clear_gguf_quantizer(model)
     if quantize_4bit:
@@ -243,31 +342,64 @@ def _lora_config(weights: WeightsConfig) -> Any:
     )
 
 
+def _init_adapters(model: torch.nn.Module, seed: int) -> None:
+    """(Re)initialise the LoRA adapters the way peft does by default (A: kaiming-uniform with
+    a=sqrt(5), i.e. U(+-1/sqrt(fan_in)); B: zeros), each A from a generator seeded by `seed`
+    and its name: the same adapters on every rank and whatever device the base is on. peft
+    leaves adapters on the meta device when their base layer is there; they get CPU storage
+    here (the backend moves them)."""
+    import math
+
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            for attr, p in list(module.named_parameters(recurse=False)):
+                name = f"{mod_name}.{attr}"
+                is_a, is_b = ".lora_A." in name, ".lora_B." in name
+                if not (is_a or is_b):
+                    if p.is_meta and p.requires_grad:
+                        raise ModelLoadError(f"trained weight {name} cannot be initialised off the meta device")
+                    continue
+                if p.is_meta:
+                    p = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                    setattr(module, attr, p)
+                if is_b:
+                    p.zero_()
+                else:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    bound = 1.0 / math.sqrt(p.shape[1])
+                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+
+
 def _add_lora(model: torch.nn.Module, weights: WeightsConfig, seed: int) -> torch.nn.Module:
     from peft import get_peft_model
 
     try:
-        # Seeded like the tiny model: lora_A is random, and every rank must start equal.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (shared/PILOT.md).
-            return get_peft_model(model, _lora_config(weights), autocast_adapter_dtype=True)
+            model = get_peft_model(model, _lora_config(weights), autocast_adapter_dtype=True)
     except ValueError as exc:
         if "target" in str(exc).lower():
             raise ModelLoadError(f"weights.target_modules {weights.target_modules}: {exc}") from exc
         raise
+    # Seeded like the tiny model: lora_A is random, and every rank must start equal.
+    _init_adapters(model, seed)
+    return model
 
 
-def load_model(cfg: ModelConfig, weights: WeightsConfig, seed: int = 0) -> torch.nn.Module:
+def load_model(cfg: ModelConfig, weights: WeightsConfig, seed: int = 0, loading: Any = None) -> torch.nn.Module:
     """The model ready to train: only the weights named by `weights.method` require grad.
 
     `seed` fixes the tiny model's weights and the LoRA adapters' initialisation, identically
-    in every process. `use_cache` is off (training never reuses past key/values)."""
+    in every process. `use_cache` is off (training never reuses past key/values). `loading`
+    (from `sap_dist.backends.prepare_loading`) builds the base for the backend that will wrap
+    it (see `load_base`); LoRA adapters are always whole and the same on every rank. A QLoRA
+    base is always loaded whole."""
     method = weights.method
     if method == "lora":
-        model = _add_lora(load_base(cfg, seed), weights, seed)
+        model = _add_lora(load_base(cfg, seed, loading=loading), weights, seed)
     elif method == "full":
-        model = load_base(cfg, seed)
+        model = load_base(cfg, seed, loading=loading)
         for param in model.parameters():
             param.requires_grad_(True)
     elif method == "qlora":

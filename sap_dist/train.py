@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from sap_dist.backends import OptimizerSpec, create_backend, launch_from_env
+from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
 from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
                                  Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
@@ -221,11 +221,14 @@ def train_model(cfg: Config) -> TrainResult:
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
     total_steps = _total_steps(cfg, len(task))
 
-    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed)
+    # The backend is chosen (and the process group joined) before the model is loaded, so a
+    # sharding backend gets it built sharded: no rank holds the whole model (issue 3).
+    loading = prepare_loading(cfg.dist.backend, cfg.dist)
+    model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
     optim = OptimizerSpec(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                           max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
                           total_steps=total_steps, schedule=cfg.train.lr_schedule)
-    backend = create_backend(cfg.dist.backend, model, optim, cfg.dist)
+    backend = loading.wrap(model, optim)
     probe, probe_layers = _setup_probe(cfg, backend)
     state = new_sap_state(probe, cfg.sap)
     torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data

@@ -482,5 +482,122 @@ def test_single_facts(single_run):
     assert all(v is True or (isinstance(v, list) and all(v)) for v in facts.values()), facts
 
 
+# ----------------------------------------------------------------------------------------
+# loading sharded (issue 3): no rank builds the whole model before the backend shards it
+
+
+def local_elements(model) -> int:
+    """Parameter elements this rank holds storage for: a ZeRO-3 parameter its partition, an
+    FSDP2 DTensor its local shard, a meta parameter nothing."""
+    n = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            n += p.ds_tensor.numel()
+        elif not p.is_meta:
+            n += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return n
+
+
+def load_worker(name: str, out: str, checkpoint: str) -> None:
+    """Load through `prepare_loading` + `load_model` (the trainer's route) from a transformers
+    checkpoint and from the built-in tiny model; per rank, record how many parameter elements
+    it holds right after loading and after the wrap, and the loss and gradient norm of one
+    fixed batch at the loaded weights (which must equal `single`'s)."""
+    import warnings
+
+    sys.path.insert(0, ROOT)
+    from sap_dist.backends import prepare_loading
+    from sap_dist.backends.common import OptimizerSpec
+    from sap_dist.config import ModelConfig, WeightsConfig
+    from sap_dist.models import load_model
+
+    results = {}
+    for source in (checkpoint, "tiny-random-llama"):
+        loading = prepare_loading(name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load_model(ModelConfig(name_or_path=source, dtype="fp32"),
+                               WeightsConfig(method="lora", lora_r=4, lora_dropout=0.0), seed=3, loading=loading)
+        after_load = local_elements(model)
+        sizes = [p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()]
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        backend = loading.wrap(model, OptimizerSpec())
+        ids = batch("task", 0, backend.rank, backend.world_size).to(backend.device)
+        loss = backend.model(input_ids=ids, labels=ids).loss  # same tokens per rank: DP mean = global
+        backend.backward(loss)
+        row = {"loss": backend.all_reduce_mean_(loss.detach().clone()).item(),
+               "gsq": backend.grad_sq_norm().item(),
+               "ranks": backend.all_gather_object({
+                   "after_load": after_load, "after_wrap": local_elements(backend.unwrapped_model()),
+                   "in_transit": getattr(backend, "largest_full_param", 0)}),
+               "total": sum(sizes), "largest": max(sizes), "n_params": len(sizes), "trained": trained,
+               "whole_model_warning": any("whole model" in str(w.message) for w in caught)}
+        results["checkpoint" if source == checkpoint else "tiny"] = row
+    if backend.rank == 0:
+        with open(os.path.join(out, "log.json"), "w") as fh:
+            json.dump(results, fh)
+    backend.barrier()
+
+
+@pytest.fixture(scope="module")
+def load_checkpoint(tmp_path_factory):
+    """The test's tiny Llama (small vocabulary, so no single weight dominates) saved as a
+    transformers checkpoint."""
+    path = str(tmp_path_factory.mktemp("tiny_ckpt"))
+    tiny_base().save_pretrained(path)
+    return path
+
+
+def launch_load(name: str, out: str, checkpoint: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_", "SLURM_"))] + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]:
+        env.pop(k, None)
+    cmd = [sys.executable, __file__, "load", name, out, checkpoint]
+    if name != "single":
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(os.path.join(out, "log.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def single_load(load_checkpoint, tmp_path_factory):
+    return launch_load("single", str(tmp_path_factory.mktemp("single_load")), load_checkpoint)
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_sharded_loading_never_holds_the_whole_model(name, load_checkpoint, single_load, tmp_path):
+    """Issue 3: under ZeRO-3 the model is built partitioned (`from_pretrained` under
+    HfDeepSpeedConfig, zero.Init for the tiny model); under FSDP2 it is built on the meta
+    device and filled shard by shard after `fully_shard`, rank 0 reading one weight at a time
+    from the checkpoint's safetensors. No rank ever holds the whole parameter set, and the
+    loaded model computes exactly what `single`'s does."""
+    log = launch_load(name, str(tmp_path), load_checkpoint)
+    for source, row in log.items():
+        ref = single_load[source]
+        assert single_load[source]["ranks"][0]["after_load"] == ref["total"]  # single: the whole model
+        assert rel(row["loss"], ref["loss"]) < TOL and rel(row["gsq"], ref["gsq"]) < TOL, (source, row, ref)
+        assert row["total"] == ref["total"]
+        total, share, pad = row["total"], row["total"] / 2, row["n_params"]  # ZeRO pads each partition
+        for rank in row["ranks"]:
+            # right after loading: this rank's partition (ZeRO-3; the small LoRA adapters stay
+            # whole until the wrap) or only the adapters (FSDP2: the base is on the meta device)
+            assert rank["after_load"] <= share + row["trained"] + pad, (name, source, rank, total)
+            assert rank["after_load"] < total
+            if name == "fsdp2":
+                assert rank["after_load"] == row["trained"]
+            assert rank["after_wrap"] <= share + pad, (name, source, rank, total)
+        if name == "fsdp2":
+            # while filling the shards a rank holds its shards plus one full weight in transit
+            assert all(r["in_transit"] == row["largest"] for r in row["ranks"])
+            if source == "checkpoint":
+                assert not row["whole_model_warning"]  # read weight by weight, not loaded whole
+                assert all(r["after_wrap"] + r["in_transit"] < total for r in row["ranks"])
+
+
 if __name__ == "__main__":
-    worker(*sys.argv[1:])
+    if sys.argv[1] == "load":
+        load_worker(*sys.argv[2:])
+    else:
+        worker(*sys.argv[1:])

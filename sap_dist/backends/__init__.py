@@ -3,11 +3,14 @@
 This module also owns the two things every distributed backend needs before it can wrap a
 model: which backend the launcher asked for (`resolve_backend`, for `dist.backend: auto`) and
 the process group (`init_distributed`), read from the environment that torchrun,
-`accelerate launch` or Slurm's `srun` leave behind.
+`accelerate launch` or Slurm's `srun` leave behind. Both come before the model is loaded
+(`prepare_loading`), so that ZeRO-3 and FSDP2 get the model built sharded (`Loading`) and no
+rank ever holds all of its parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -20,7 +23,7 @@ from sap_dist.backends.base import Backend
 from sap_dist.backends.common import OptimizerSpec
 
 BACKENDS = ("auto", "single", "ddp", "deepspeed", "zero2", "zero3", "zero3_offload", "fsdp2")
-"""Backend names accepted by `create_backend` (and by the `dist.backend` config key).
+"""Backend names accepted by `prepare_loading` / `create_backend` (and by the `dist.backend` config key).
 `deepspeed` takes the ZeRO stage from `dist.zero_stage`, the DeepSpeed config file or
 accelerate's environment; `zero2`/`zero3` fix it; `zero3_offload` is ZeRO-3 with optimizer
 state and parameters offloaded to CPU memory."""
@@ -114,35 +117,163 @@ def device_for(launch: Launch) -> torch.device:
     return torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def create_backend(name: str, model, optim: OptimizerSpec, dist_cfg=None) -> Backend:
-    """Wrap `model` (trained weights already marked with requires_grad) for backend `name`
-    (`auto` is resolved from the environment). `dist_cfg` is the run's `DistributedConfig`
-    (DeepSpeed config file, ZeRO stage, offload, timeout); None takes its defaults."""
+class Loading:
+    """How the model must be built for the backend that will wrap it, and the wrap itself.
+
+    Made by `prepare_loading` *before* the model is loaded, so that no rank has to build the
+    whole model in memory when the backend shards it anyway. The loader (`sap_dist.models`)
+    reads three things, none of which names a backend:
+
+    - `partitioned`: build the base inside `init_context(dtype)`; its parameters are
+      partitioned over the ranks as each module is constructed (also under `from_pretrained`,
+      which then copies the checkpoint in one gathered module at a time). Write a partitioned parameter only inside
+      `writable([param])`, which gathers it and says whether this rank's write is kept.
+    - `meta`: build the base without storage (`init_context` puts parameters on the meta
+      device, buffers stay real) and hand the real values to `set_weight_source`; `wrap` shards
+      the model first and then fills each rank's shards one parameter at a time, the values
+      read on rank 0 only (`provides_weights`).
+    - neither: build the whole model, as one process would (`single`, `ddp`, `zero2`).
+    """
+
+    partitioned = False
+    meta = False
+
+    def __init__(self, name: str, dist_cfg, launch: Launch):
+        self.name = name
+        self.dist_cfg = dist_cfg
+        self.launch = launch
+        self.provides_weights = launch.rank == 0
+        self.weight_source = None
+
+    # --- used by the loader ---------------------------------------------------------------
+    def init_context(self, dtype: torch.dtype):
+        """Context to construct (or `from_pretrained`) the base model in, in `dtype`."""
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def writable(self, params):
+        """Context in which `params` hold their full values; yields whether this rank's
+        writes to them are kept."""
+        yield True
+
+    def set_weight_source(self, source) -> None:
+        """`source(name) -> tensor`: the full value of the parameter called `name` in the
+        model handed to `wrap` (meta loading; needed on the rank that `provides_weights`)."""
+        self.weight_source = source
+
+    # --- the wrap -----------------------------------------------------------------------
+    def wrap(self, model, optim: OptimizerSpec) -> Backend:
+        """The backend around `model` (trained weights already marked with requires_grad)."""
+        name = self.name
+        device = device_for(self.launch)
+        if name == "single":
+            from sap_dist.backends.single import SingleBackend
+
+            return SingleBackend(model, optim, device)
+        if name == "ddp":
+            from sap_dist.backends.ddp import DDPBackend
+
+            return DDPBackend(model, optim, device)
+        if name == "fsdp2":
+            from sap_dist.backends.fsdp2 import FSDP2Backend
+
+            return FSDP2Backend(model, optim, device, self.dist_cfg, weight_source=self.weight_source)
+        from sap_dist.backends.deepspeed import DeepSpeedBackend
+
+        stage, offload = _DS_NAMES.get(name, (None, False))
+        return DeepSpeedBackend(model, optim, device, self.dist_cfg, stage=stage, offload=offload)
+
+
+_DS_NAMES = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}
+
+
+class _MetaLoading(Loading):
+    """FSDP2: parameters on the meta device until `fully_shard` has sharded them."""
+
+    meta = True
+
+    def init_context(self, dtype: torch.dtype):
+        from accelerate import init_empty_weights
+
+        return init_empty_weights(include_buffers=False)
+
+
+class _PartitionedLoading(Loading):
+    """ZeRO-3: parameters partitioned while constructed (`deepspeed.zero.Init`)."""
+
+    partitioned = True
+
+    @contextlib.contextmanager
+    def init_context(self, dtype: torch.dtype):
+        # transformers' documented route: while an HfDeepSpeedConfig is alive, building a
+        # model (from_pretrained, _from_config) runs under deepspeed.zero.Init with this
+        # config, and from_pretrained fills it one gathered module at a time. bf16 here only sets the
+        # dtype zero.Init builds in (it would otherwise make a bf16 base fp32); the engine's
+        # own precision still follows the trained weights (build_ds_config in the backend).
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        from sap_dist.backends.deepspeed import build_ds_config
+
+        stage, offload = _DS_NAMES.get(self.name, (None, False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the backend warns about the user's file when it builds
+            config = build_ds_config(stage, offload, self.dist_cfg, OptimizerSpec(), self.launch.world_size, dtype)
+        keep = HfDeepSpeedConfig(config)  # noqa: F841 (alive for the block: transformers holds a weakref)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep
+
+    @contextlib.contextmanager
+    def writable(self, params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+            yield self.launch.rank == 0
+
+
+def prepare_loading(name: str, dist_cfg=None) -> Loading:
+    """First half of `create_backend`, run before the model is loaded: resolve backend
+    `name` (`auto` from the environment), join the process group, and say how the model must
+    be built (`Loading`). `loading.wrap(model, optim)` is the second half."""
     if dist_cfg is None:
         from sap_dist.config import DistributedConfig
 
         dist_cfg = DistributedConfig()
     name = resolve_backend(name, dist_cfg.zero_stage)
     if name == "single":
-        from sap_dist.backends.single import SingleBackend
-
         launch = launch_from_env()
         if launch.world_size > 1:
             raise ValueError(
                 f"backend 'single' cannot run in {launch.world_size} processes; use ddp, zero2, zero3 or fsdp2"
             )
-        return SingleBackend(model, optim, device_for(launch))
+        return Loading(name, dist_cfg, launch)
     launch = init_distributed(dist_cfg.timeout_minutes)
-    device = device_for(launch)
-    if name == "ddp":
-        from sap_dist.backends.ddp import DDPBackend
-
-        return DDPBackend(model, optim, device)
     if name == "fsdp2":
-        from sap_dist.backends.fsdp2 import FSDP2Backend
+        return _MetaLoading(name, dist_cfg, launch)
+    if name in ("ddp", "zero2"):
+        return Loading(name, dist_cfg, launch)
+    import deepspeed
+    import torch.distributed as dist
 
-        return FSDP2Backend(model, optim, device, dist_cfg)
-    from sap_dist.backends.deepspeed import DeepSpeedBackend
+    from sap_dist.backends.deepspeed import build_ds_config
 
-    stage, offload = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}.get(name, (None, False))
-    return DeepSpeedBackend(model, optim, device, dist_cfg, stage=stage, offload=offload)
+    # deepspeed.comm wraps the torch process group init_distributed just made.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    stage, offload = _DS_NAMES.get(name, (None, False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the backend warns about the user's file when it builds
+        resolved = build_ds_config(stage, offload, dist_cfg, OptimizerSpec(), launch.world_size, torch.float32)
+    if resolved["zero_optimization"]["stage"] == 3:
+        return _PartitionedLoading(name, dist_cfg, launch)
+    return Loading(name, dist_cfg, launch)
+
+
+def create_backend(name: str, model, optim: OptimizerSpec, dist_cfg=None) -> Backend:
+    """Wrap an already built `model` (trained weights already marked with requires_grad) for
+    backend `name` (`auto` is resolved from the environment). `dist_cfg` is the run's
+    `DistributedConfig` (DeepSpeed config file, ZeRO stage, offload, timeout); None takes its
+    defaults. The trainer instead calls `prepare_loading` before loading the model, so that a
+    sharding backend never needs the whole model on one rank, then `Loading.wrap`."""
+    return prepare_loading(name, dist_cfg).wrap(model, optim)

@@ -134,7 +134,11 @@ def _no_prologue() -> None:
 
 
 class DeepSpeedBackend(ProcessGroupOps):
-    """ZeRO-2 or ZeRO-3 through a DeepSpeed engine; SAP touches only local partitions."""
+    """ZeRO-2 or ZeRO-3 through a DeepSpeed engine; SAP touches only local partitions.
+
+    Under ZeRO-3 the model may arrive already partitioned (built under `deepspeed.zero.Init`
+    by `prepare_loading`, the trainer's route) or whole; `deepspeed.initialize` partitions
+    whatever is not yet (the LoRA adapters added after loading, or everything)."""
 
     def __init__(
         self,

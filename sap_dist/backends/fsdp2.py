@@ -40,7 +40,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDP2Backend(ProcessGroupOps):
     """Parameters, gradients and optimizer state sharded over ranks with `fully_shard`."""
 
-    def __init__(self, model: torch.nn.Module, optim: OptimizerSpec, device: torch.device, dist_cfg):
+    def __init__(self, model: torch.nn.Module, optim: OptimizerSpec, device: torch.device, dist_cfg,
+                 weight_source=None):
+        """`model` may hold parameters on the meta device (built by `prepare_loading`'s meta
+        loading): they are sharded first, then filled from `weight_source(name)` (read on
+        rank 0 only, one parameter at a time, each rank keeping its shard)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -49,18 +53,64 @@ class FSDP2Backend(ProcessGroupOps):
         self.device = device
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trained parameters (none has requires_grad=True)")
-        model.to(device)
+        on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if not on_meta:
+            model.to(device)
         mesh = init_device_mesh(device.type, (self.world_size,))
         reshard = dist_cfg.fsdp_reshard_after_forward
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        self.largest_full_param = 0
+        """Most elements of one full parameter this rank held at once while filling shards."""
+        if on_meta:
+            self._materialize(model, on_meta, weight_source)
         self.model = model
         self._fsdp_modules = [m for m in model.modules() if hasattr(m, "reshard") and hasattr(m, "unshard")]
         # collected after sharding: the parameters are now DTensors
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer, self.scheduler = build_optimizer(self.params, optim)
+
+    @torch.no_grad()
+    def _materialize(self, model: torch.nn.Module, on_meta: list[str], source) -> None:
+        """Give the sharded meta parameters storage and their values: `to_empty` (FSDP2's
+        route, which re-registers the shards) wipes every tensor, so the parameters and
+        buffers that were real (LoRA adapters, rotary tables) are kept aside, as local shards,
+        and copied back; each meta parameter is then read on rank 0 and broadcast, so every
+        rank holds its shards plus at most one full parameter in transit."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if self.rank == 0 and source is None:
+            raise ValueError("the model has parameters on the meta device and no weight source to fill them")
+        meta = set(on_meta)
+        params = dict(model.named_parameters())
+        kept = {n: _local(p).detach().clone() for n, p in params.items() if n not in meta}
+        buffers = dict(model.named_buffers())
+        if any(b.is_meta for b in buffers.values()):
+            raise ValueError("buffers on the meta device cannot be filled; build the model with real buffers")
+        kept_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        model.to_empty(device=self.device)
+        params = dict(model.named_parameters())
+        for n, value in kept.items():
+            _local(params[n]).copy_(value)
+        for n, b in model.named_buffers():
+            b.copy_(kept_buffers[n])
+        for n in on_meta:  # the same order on every rank: one broadcast per parameter
+            p = params[n]
+            if self.rank == 0:
+                full = source(n)
+                if tuple(full.shape) != tuple(p.shape):
+                    raise ValueError(f"weight {n}: the source has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
+                full = full.to(device=self.device, dtype=p.dtype)
+            else:
+                full = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+            self.largest_full_param = max(self.largest_full_param, full.numel())
+            # a broadcast, then each rank keeps its own (possibly uneven) chunk
+            dist.broadcast(full, src=0)
+            shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            _local(p).copy_(shard.to_local())
+            del full, shard
 
     # --- passes -------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
