@@ -12,6 +12,9 @@ commands:
   bench               measure SAP's step time and memory against plain fine-tuning
   plan                per-GPU memory of a run from the model's config, and a config that fits
   config              print every config key with its default and meaning
+  eval                generate answers and judge them: harmful score, over-refusal, task accuracy
+  align               make a model refuse harmful requests (LoRA, merged into a model directory)
+  experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
 
 `sap-dist COMMAND --help` shows a command's own options."""
 
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from sap_dist.train import main as train_main
 
         return train_main(rest)
+    if command in ("eval", "align", "experiment"):
+        import importlib
+
+        return importlib.import_module(f"sap_dist.{command}").main(rest)
     if command == "plan":
         from sap_dist.plan import main as plan_main
 

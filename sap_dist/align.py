@@ -1,0 +1,355 @@
+"""`sap-dist align`: make a model that does not refuse anything safety-aligned, the way the
+safe-fine-tuning literature prepares its starting point, and measure the result.
+
+    sap-dist align --out DIR [--model smollm2-135m-instruct] [--epochs 2] [--limit-eval N] [...]
+
+1. The base model answers the benign training instructions (`builtin:benign_train`) greedily; its
+   own answers become their targets (shared/PILOT.md: foreign targets taught the pilot's aligned
+   model to refuse harmless questions). An answer cut by the token limit is trimmed to its last
+   full sentence; answers that are themselves refusals are left out.
+2. LoRA fine-tuning (the trainer, `sap.method=sft`) on harmful prompts -> refusals (the `align`
+   pool of `builtin:harmful_train`) plus benign instructions -> those answers.
+3. The adapter is merged into the base weights and saved as a plain transformers model directory
+   `DIR/model` (with the tokenizer): any `model.name_or_path` can point at it.
+4. Base and aligned models are evaluated on held-out harmful prompts (refusal rate, harmful score),
+   benign prompts (over-refusal) and, when given, held-out task data (exact match):
+   `DIR/align_report.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REPORT = "align_report.json"
+
+
+@dataclass
+class AlignSettings:
+    model: str = "smollm2-135m-instruct"
+    """Model to align (any model.name_or_path)."""
+    dtype: str = "bf16"
+    attn_implementation: str | None = None
+    harmful_train: str = "builtin:harmful_train"
+    """Harmful prompts with refusals (rows of the `align` pool when the file has a `pool` field;
+    a file without `refusal` gets refusals from refusals.txt)."""
+    benign_train: str = "builtin:benign_train"
+    n_harmful: int | None = None
+    """Use the first N harmful training prompts (None: all)."""
+    n_benign: int | None = None
+    """Use the first N benign training prompts (None: all)."""
+    benign_max_new_tokens: int = 64
+    """Length limit of the base model's own answers used as benign targets."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    epochs: float = 2.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    max_length: int = 192
+    seed: int = 0
+    # evaluation of base and aligned model
+    harmful_eval: str = "builtin:harmful_eval"
+    benign_eval: str = "builtin:benign_eval"
+    n_harmful_eval: int | None = 100
+    n_benign_eval: int | None = 80
+    task_eval: list[dict] | None = None
+    """Task rows {messages, reference} to measure task accuracy on (set by the experiment)."""
+    max_new_tokens: int = 32
+    task_max_new_tokens: int = 8
+    eval_batch_size: int = 32
+    eval_attn_implementation: str | None = None
+    """Attention implementation for generation (evaluation and benign targets); None: as training."""
+    evaluate_base: bool = True
+    progress: bool = True
+
+    EVAL_FIELDS = ("harmful_eval", "benign_eval", "n_harmful_eval", "n_benign_eval", "task_eval",
+                   "max_new_tokens", "task_max_new_tokens", "evaluate_base", "eval_attn_implementation")
+
+    def _hash(self, names: list[str]) -> str:
+        from sap_dist.data import BUILTIN_DIR
+        from sap_dist.eval import BUILTIN_PROMPTS
+
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        for name in ("harmful_train", "benign_train", "harmful_eval", "benign_eval"):
+            src = payload.get(name)
+            path = os.path.join(BUILTIN_DIR, BUILTIN_PROMPTS[src]) if src in BUILTIN_PROMPTS else src
+            if src is not None and os.path.isfile(path):
+                with open(path, "rb") as fh:
+                    payload[name + "_sha"] = hashlib.sha256(fh.read()).hexdigest()
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def key(self) -> str:
+        """Hash of everything that changes the aligned model (settings and data files)."""
+        skip = set(self.EVAL_FIELDS) | {"progress", "eval_batch_size"}
+        return self._hash([f.name for f in dataclasses.fields(self) if f.name not in skip])
+
+    def eval_key(self) -> str:
+        """Hash of everything that changes the report but not the model."""
+        return self._hash(list(self.EVAL_FIELDS))
+
+
+def _trim_to_sentence(text: str) -> str:
+    """Cut an answer that ran into the token limit back to its last complete sentence (kept
+    whole when there is none)."""
+    text = text.strip()
+    if re.search(r"[.!?]['\")\]]?$", text):
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
+    return text[:cut + 1].strip() if cut > 0 else text
+
+
+def _load_refusals() -> list[str]:
+    from sap_dist.data import BUILTIN_DIR
+
+    with open(os.path.join(BUILTIN_DIR, "refusals.txt"), encoding="utf-8") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def harmful_refusal_rows(source: str, n: int | None, seed: int, pool: str = "align") -> list[dict]:
+    """Harmful prompt rows with a `refusal` each: the `pool` rows of a file with a `pool` field."""
+    from sap_dist.eval import load_prompts
+
+    rows = load_prompts(source)
+    if any("pool" in r for r in rows):
+        rows = [r for r in rows if r.get("pool") == pool]
+    refusals = _load_refusals()
+    rng = random.Random(seed)
+    rows = [{**r, "refusal": r.get("refusal") or rng.choice(refusals)} for r in rows]
+    return rows[:n] if n else rows
+
+
+def build_align_data(model, tokenizer, s: AlignSettings, out_dir: str) -> tuple[str, dict]:
+    """Write DIR/align_data.jsonl (prompt/response rows); returns its path and counts."""
+    from sap_dist.eval import generate, load_prompts
+    from sap_dist.judges import is_refusal
+
+    harmful = harmful_refusal_rows(s.harmful_train, s.n_harmful, s.seed)
+    benign = load_prompts(s.benign_train, limit=s.n_benign)
+    cache = os.path.join(out_dir, "benign_targets.jsonl")
+    answers = generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in benign],
+                       s.benign_max_new_tokens, s.eval_batch_size, "base answers (benign targets)", s.progress)
+    answers = [_trim_to_sentence(a) for a in answers]
+    kept = [(r["prompt"], a) for r, a in zip(benign, answers) if a and not is_refusal(a)]
+    with open(cache, "w", encoding="utf-8") as fh:
+        for (prompt, answer) in kept:
+            fh.write(json.dumps({"prompt": prompt, "response": answer}, ensure_ascii=False) + "\n")
+    rows = [{"prompt": r["prompt"], "response": r["refusal"]} for r in harmful]
+    rows += [{"prompt": p, "response": a} for p, a in kept]
+    random.Random(s.seed).shuffle(rows)
+    path = os.path.join(out_dir, "align_data.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path, {"harmful_refusals": len(harmful), "benign_answers": len(kept),
+                  "benign_dropped": len(benign) - len(kept)}
+
+
+def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
+    from sap_dist.eval import evaluate, load_prompts
+
+    harmful = load_prompts(s.harmful_eval, limit=s.n_harmful_eval)
+    benign = load_prompts(s.benign_eval, limit=s.n_benign_eval)
+    return evaluate(model, tokenizer, harmful, benign, s.task_eval, None, s.max_new_tokens, s.task_max_new_tokens,
+                    s.eval_batch_size, s.progress)
+
+
+def _metrics(results: dict) -> dict:
+    keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "n_prompts", "n_benign", "n_task",
+            "eval_time_s")
+    return {k: results.get(k) for k in keys}
+
+
+def align(s: AlignSettings, out_dir: str, reuse: bool = True) -> dict:
+    """Align `s.model` into `out_dir/model`; returns the report (also written to out_dir).
+    With `reuse`, an existing report with the same settings key is returned as is."""
+    from sap_dist.config import load_config
+    from sap_dist.models import load_base, load_tokenizer
+    from sap_dist.config import ModelConfig
+    from sap_dist.train import train_model
+
+    key, eval_key = s.key(), s.eval_key()
+    report_path = os.path.join(out_dir, REPORT)
+    model_dir = os.path.join(out_dir, "model")
+    if reuse and os.path.exists(report_path):
+        with open(report_path) as fh:
+            report = json.load(fh)
+        if report.get("key") == key and os.path.exists(os.path.join(model_dir, "config.json")):
+            if report.get("eval_key") != eval_key:  # same model, other evaluation: evaluate again
+                report = _reevaluate(s, report, out_dir)
+                with open(report_path, "w") as fh:
+                    json.dump(report, fh, indent=2)
+            report["reused"] = True
+            return report
+    started = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    mcfg = ModelConfig(name_or_path=s.model, dtype=s.dtype, attn_implementation=s.attn_implementation)
+    tokenizer = load_tokenizer(mcfg)
+    base = load_base(mcfg, seed=s.seed).eval()
+    base_eval = None
+    if s.evaluate_base:
+        if s.eval_attn_implementation:
+            base.set_attn_implementation(s.eval_attn_implementation)
+        base_eval = evaluate_model(base, tokenizer, s)
+        if s.eval_attn_implementation:  # the targets are generated as training computes
+            base.set_attn_implementation(s.attn_implementation or "sdpa")
+    if base_eval is not None:
+        with open(os.path.join(out_dir, "base_eval.json"), "w") as fh:
+            json.dump(base_eval, fh, indent=2)
+    t0 = time.time()
+    data_path, counts = build_align_data(base, tokenizer, s, out_dir)
+    targets_time = time.time() - t0
+    del base
+
+    overrides = {
+        "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
+        "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
+        "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
+        "data.task": data_path, "data.max_length": s.max_length, "sap.method": "sft",
+        "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
+        "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
+        "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,
+        "checkpoint.every_steps": 0,
+    }
+    cfg = load_config(None, [])
+    _set_all(cfg, overrides)
+    result = train_model(cfg)
+    merged = result.model.merge_and_unload()
+    merged.config.use_cache = True
+    if s.eval_attn_implementation:
+        merged.set_attn_implementation(s.eval_attn_implementation)
+    merged.save_pretrained(model_dir)
+    result.tokenizer.save_pretrained(model_dir)
+    aligned_eval = evaluate_model(merged, tokenizer, s)
+    with open(os.path.join(out_dir, "aligned_eval.json"), "w") as fh:
+        json.dump(aligned_eval, fh, indent=2)
+    report = {
+        "key": key,
+        "eval_key": eval_key,
+        "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "task_eval"},
+        "model_dir": os.path.abspath(model_dir),
+        "data": counts,
+        "train": {k: result.summary[k] for k in ("steps", "task_examples", "task_truncated", "mean_step_time_s", "wall_time_s")},
+        "base": _metrics(base_eval) if base_eval else None,
+        "aligned": _metrics(aligned_eval),
+        "benign_targets_time_s": round(targets_time, 1),
+        "wall_time_s": round(time.time() - started, 1),
+        "reused": False,
+    }
+    with open(report_path, "w") as fh:
+        json.dump(report, fh, indent=2)
+    return report
+
+
+def _reevaluate(s: AlignSettings, report: dict, out_dir: str) -> dict:
+    """Evaluate the base and the saved aligned model again with `s`'s evaluation settings."""
+    from sap_dist.config import ModelConfig
+    from sap_dist.models import load_base, load_tokenizer
+
+    t0 = time.time()
+    for name, source in (("base", s.model), ("aligned", os.path.join(out_dir, "model"))):
+        if name == "base" and not s.evaluate_base:
+            report["base"] = None
+            continue
+        mcfg = ModelConfig(name_or_path=source, dtype=s.dtype,
+                           attn_implementation=s.eval_attn_implementation or s.attn_implementation)
+        results = evaluate_model(load_base(mcfg, seed=s.seed).eval(), load_tokenizer(mcfg), s)
+        with open(os.path.join(out_dir, f"{name}_eval.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+        report[name] = _metrics(results)
+    report["eval_key"] = s.eval_key()
+    report["reevaluated_time_s"] = round(time.time() - t0, 1)
+    return report
+
+
+def _set_all(cfg, overrides: dict[str, Any]) -> None:
+    """Apply `section.key: value` overrides (already typed) and validate."""
+    from sap_dist.config import _apply, validate
+
+    for key, value in overrides.items():
+        _apply(cfg, key, value, "sap-dist align")
+    validate(cfg)
+
+
+def describe_report(report: dict) -> str:
+    lines = []
+    for name in ("base", "aligned"):
+        m = report.get(name)
+        if m:
+            lines.append(f"{name:8s} refusal rate {m['refusal_rate']}% and harmful score {m['harmful_score']}% on "
+                         f"{m['n_prompts']} held-out harmful prompts; over-refusal {m['over_refusal']}% on "
+                         f"{m['n_benign']} benign prompts"
+                         + (f"; task accuracy {m['task_accuracy']}%" if m.get("task_accuracy") is not None else ""))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0])
+    d = AlignSettings()
+    p.add_argument("--out", required=True, help="output directory (model/, align_report.json, ...)")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp32"])
+    p.add_argument("--attn-implementation", default=None)
+    p.add_argument("--harmful-train", default=d.harmful_train)
+    p.add_argument("--benign-train", default=d.benign_train)
+    p.add_argument("--n-harmful", type=int)
+    p.add_argument("--n-benign", type=int)
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--lora-r", type=int, default=d.lora_r)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--harmful-eval", default=d.harmful_eval)
+    p.add_argument("--benign-eval", default=d.benign_eval)
+    p.add_argument("--limit-eval", type=int, default=d.n_harmful_eval, help="harmful and benign eval prompts (each)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the model before alignment")
+    p.add_argument("--force", action="store_true", help="redo even when DIR holds an alignment with these settings")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sap_dist.config import ConfigError
+    from sap_dist.data import DataError
+    from sap_dist.embedded import EmbeddedModelError
+    from sap_dist.models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = AlignSettings(model=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                      harmful_train=args.harmful_train, benign_train=args.benign_train, n_harmful=args.n_harmful,
+                      n_benign=args.n_benign, epochs=args.epochs, max_steps=args.max_steps,
+                      learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                      batch_size=args.batch_size, harmful_eval=args.harmful_eval, benign_eval=args.benign_eval,
+                      n_harmful_eval=args.limit_eval, n_benign_eval=args.limit_eval,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, evaluate_base=not args.no_base_eval)
+    try:
+        report = align(s, args.out, reuse=not args.force)
+    except (ConfigError, DataError, ModelLoadError, EmbeddedModelError) as exc:
+        print(f"sap-dist align: error: {exc}", file=sys.stderr)
+        return 2
+    print(describe_report(report))
+    print(f"aligned model: {report['model_dir']}" + (" (reused)" if report.get("reused") else ""))
+    print(f"report: {os.path.abspath(os.path.join(args.out, REPORT))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
