@@ -341,3 +341,36 @@ def test_probe_hook_equals_down_proj_bias():
     probe.enabled = False
     off = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert float((off - got).abs().max()) > 1e-3  # switching it off really removes it
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes only ids and mask, like a custom architecture."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["logits_to_keep", "no_logits_to_keep"])
+def test_loss_on_response_positions_only_equals_full_logits(wrap):
+    """The loss computes logits only where some row predicts a response token; with prompts of
+    different lengths per row (and a model that does not take `logits_to_keep`) its value and
+    gradient equal the full-logits computation's."""
+    from sap_dist.sap import task_loss
+
+    model = tiny_lora_model()
+    b = batch(5, n=3, length=12)
+    b["labels"][0, :8] = -100  # prompts of 4, 8 and 4 tokens
+    b["labels"][1, :6] = -100
+    backend = SingleBackend(_NoLogitsToKeep(model) if wrap else model, OptimizerSpec())
+    tokens = float((b["labels"][:, 1:] != -100).sum())
+    got = task_loss(backend, b, tokens)
+    got_grads = torch.autograd.grad(got, trained(model))
+    want = mean_nll(model, b)
+    want_grads = torch.autograd.grad(want, trained(model))
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
