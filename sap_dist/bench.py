@@ -25,8 +25,9 @@ import torch
 from sap_dist.config import Config, SapConfig, load_config
 
 PRESETS = {
-    "tiny": {"config": "tiny", "repeats": 2, "overrides": []},
-    "quick": {"config": "quick", "repeats": 5, "overrides": []},
+    # the tiny config is exact at every step (for backend checks): probe every 2 steps on half the batch here
+    "tiny": {"config": "tiny", "repeats": 2, "overrides": ["sap.probe_every=2", "sap.probe_batch_fraction=0.5"]},
+    "quick": {"config": "quick", "repeats": 8, "overrides": []},
     "full": {"config": "quick", "repeats": 10, "overrides": ["train.batch_size=16", "data.max_length=256"]},
     "gpu": {"config": None, "repeats": 10, "overrides": []},
 }
@@ -126,6 +127,8 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
                 for key, value in metrics.items():
                     if key.startswith("time_"):
                         passes[key[5:]] = passes.get(key[5:], 0.0) + value / cycle
+            print(f"bench: {'warm-up' if r < warmup else f'repeat {r - warmup + 1}/{repeats}'}, {name}: "
+                  f"{sum(times) / cycle:.3f} s/step", file=sys.stderr, flush=True)
             if r >= warmup:
                 s = samples[name]
                 s["time"].append(sum(times) / cycle)

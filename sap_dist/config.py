@@ -120,15 +120,19 @@ class SapConfig:
     """Probe norm per layer over the mean per-token hidden-state norm (`relative` step)."""
     probe_lr: float = 0.05
     """AdamW learning rate of the probe (`reference` variant)."""
-    safety_batch_size: int = 8
-    """Contrastive pairs per step (global, split over ranks)."""
+    safety_batch_size: int = 4
+    """Contrastive pairs per step (global, split over ranks). 4 pairs (8 sequences) cost about
+    one task pass of 8 rows on the quick bench; the safety direction is only used normalised."""
     probe_every: int = 1
     """Recompute the probe (safety direction and probe passes) every k steps and keep the
     last probe in place for the steps between; 1 is the exact algorithm. The cost of the
-    extra passes is divided by k (see the README's performance section)."""
-    probe_batch_fraction: float = 1.0
+    extra passes is divided by k, but the probe is specific to the batch it was computed on:
+    on the quick experiment k=10 lost SAP's protection (docs/experiment.md), so k>1 is a
+    measured trade-off, not a default."""
+    probe_batch_fraction: float = 0.5
     """Share of the global task batch (its first rows) on which the probe passes estimate
-    u_harm and u_here; the weight step always uses the whole batch. 1 is exact."""
+    u_harm and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves
+    the probe passes and kept SAP's protection on the quick experiment."""
 
 
 @dataclass

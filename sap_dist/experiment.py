@@ -135,8 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_seeds=[0],
-                  trainer_overrides=["data.safety_max_length=96", "sap.safety_batch_size=4",
-                                     "sap.probe_batch_fraction=0.5"]),
+                  trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets, longer fine-tuning; on a GPU, pass --model/--task for the paper's setting
     "full": dict(align_epochs=3.0, epochs=2.0, n_harmful_eval=None, n_benign_eval=None, max_new_tokens=64,
                  task_max_new_tokens=16),
