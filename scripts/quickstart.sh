@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The README's first command: set up, then SAP-fine-tune the embedded SmolLM2-135M-Instruct on
-# the bundled data (preset `quick`). Extra arguments are config overrides, e.g.
-#   bash scripts/quickstart.sh train.max_steps=10 sap.variant=reference
+# The README's first command: set up, then run the side-by-side experiment on the embedded
+# SmolLM2-135M-Instruct: align it (cached after the first run), fine-tune it on the bundled task
+# with plain fine-tuning, SAP (both variants) and safety-data mixing over 3 seeds, judge every
+# run, and write runs/experiment/{results.json,table.md,*.png}. Extra arguments go to
+# `sap-dist experiment`, e.g.
+#   bash scripts/quickstart.sh --seeds 0 --methods sft,sap_paper
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/sap-dist train --config quick "$@"
+exec .venv/bin/sap-dist experiment --preset quick --out runs/experiment "$@"
