@@ -415,6 +415,24 @@ def test_auto_falls_back_past_partial_and_corrupt_checkpoints(reference, tmp_pat
     assert_same_as_reference(out, ref, "single")
 
 
+def test_resume_in_the_middle_of_a_probe_every_cycle(tmp_path):
+    """With `sap.probe_every=3` the probe is refreshed at steps 1 and 4; a run resumed from the
+    step-2 checkpoint must reuse step 1's probe at step 3 (its SapState: step count and probe
+    are restored), and ends bitwise equal to the uninterrupted run."""
+    cheap = ["sap.variant=paper", "sap.probe_every=3", "sap.probe_batch_fraction=0.5"]
+    ref = str(tmp_path / "ref")
+    run = Run("single", ref, *cheap)
+    assert run.wait() == 0, run.tail()
+    assert [m["probe_refreshed"] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
+    out = _copy_run(ref, tmp_path / "run")
+    for step in (4, 6):
+        shutil.rmtree(_ckpt(out, step))
+    run = Run("single", out, *cheap, "checkpoint.resume_from=auto")
+    assert run.wait() == 0, run.tail()
+    assert _resumed_at(run) == 2
+    assert_same_as_reference(out, ref, "single")
+
+
 def test_checkpoint_from_another_config_lists_the_mismatching_keys(reference, tmp_path, capsys):
     ref = reference("single")
     base = COMMON + ["dist.backend=single", f"train.max_steps={steps_for('single')}"]
