@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -59,15 +60,16 @@ def _forward_nll(backend: Backend, batch: dict[str, torch.Tensor]) -> tuple[torc
     return nll.sum(dim=1), (labels != -100).sum(dim=1)
 
 
-_NO_LOGITS_TO_KEEP: set[int] = set()
-"""ids of models whose forward does not take `logits_to_keep` (custom or old architectures)."""
+_NO_LOGITS_TO_KEEP: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+"""Models whose forward does not take `logits_to_keep` (custom or old architectures); weak, so
+a model freed and another built at the same address is not mistaken for it."""
 
 
 def _logits_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """The model's logits at sequence `positions` only (transformers' `logits_to_keep`),
     or all logits sliced afterwards where the model does not take that argument."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if id(model) not in _NO_LOGITS_TO_KEEP:
+    if model not in _NO_LOGITS_TO_KEEP:
         try:
             logits = model(**inputs, logits_to_keep=positions).logits
             # a forward that swallows unknown keywords returns every position
@@ -75,7 +77,7 @@ def _logits_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], positions
         except TypeError as err:
             if "logits_to_keep" not in str(err):
                 raise
-            _NO_LOGITS_TO_KEEP.add(id(model))
+            _NO_LOGITS_TO_KEEP.add(model)
     return model(**inputs).logits[:, positions]
 
 
