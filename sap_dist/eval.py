@@ -41,6 +41,10 @@ BUILTIN_PROMPTS = {
     "builtin:harmful_train": "harmful_train.jsonl",
     "builtin:benign_eval": "benign_eval.jsonl",
     "builtin:benign_train": "benign_train.jsonl",
+    # written by others (DoNotAnswer), evaluation only: validation half for choosing settings,
+    # test half for reported numbers (scripts/make_independent_data.py, SOURCES.md)
+    "builtin:donotanswer_val": "donotanswer_val.jsonl",
+    "builtin:donotanswer_test": "donotanswer_test.jsonl",
 }
 PROMPT_EXTENSIONS = (".txt", ".jsonl", ".json", ".csv")
 
