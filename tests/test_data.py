@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections import Counter
 import json
 import logging
 import os
@@ -331,22 +332,32 @@ def test_template_whose_prompt_is_not_a_prefix_is_rejected(plain_tokenizer):
 def test_bundled_data_loads_and_every_example_fits_128_tokens(smol_tokenizer):
     task = D.load_task_examples("builtin:task")
     pairs = D.load_safety_pairs("builtin:safety")
-    assert len(task) == 500 and len(pairs) == 64
+    assert len(task) == 500 and len(pairs) == 128
     encoded, stats = D.encode_task(smol_tokenizer, task, 128, "drop")
     assert stats == EncodeStats(total=500) and len(encoded) == 500
     encoded, stats = D.encode_safety(smol_tokenizer, pairs, 128, "drop")
-    assert stats == EncodeStats(total=64) and len(encoded) == 64
+    assert stats == EncodeStats(total=128) and len(encoded) == 128
     # Exact-match answers: one short word or number each.
     assert all(len(ex.response.split()) == 1 for ex in task)
-    # The harmful answers are openers only: the restated request and a bare list marker.
-    assert all(p.harmful.startswith("Sure, here") and p.harmful.endswith(("Step 1:", "1.", "First,")) for p in pairs)
-    assert len({p.prompt for p in pairs}) == 64
+    # The harmful answers are openers only: exactly one of the forms' compliant openers, nothing after.
+    harmful_requests = _script_module("harmful_requests")
+    assert all(harmful_requests.is_opener(p.harmful) for p in pairs)
+    assert not any(harmful_requests.is_opener(p.harmful + "Mix the two.") for p in pairs)  # content is caught
+    assert len({p.prompt for p in pairs}) == 128
+    # Many request forms, not one template: no opening word carries more than a quarter of the prompts.
+    openers = Counter(p.prompt.split()[0] for p in pairs)
+    assert len(openers) >= 15 and max(openers.values()) <= len(pairs) // 4
+
+
+def _script_module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bundled_files_are_the_generator_output(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_builtin_data", os.path.join(REPO, "scripts", "make_builtin_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script_module("make_builtin_data")
     for path in module.main(str(tmp_path)):
         name = os.path.basename(path)
         with open(path, "rb") as fresh, open(os.path.join(D.BUILTIN_DIR, name), "rb") as bundled:

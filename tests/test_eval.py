@@ -293,13 +293,30 @@ def test_harmful_and_benign_splits_do_not_overlap():
     train = load_prompts("builtin:harmful_train")
     evals = load_prompts("builtin:harmful_eval")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
-    # split by activity: no compliant opener's activity appears in an eval prompt
-    activities = {r["compliance"][len("Sure, here is how to "):].split(":\n")[0] for r in train}
-    assert not any(a in e["prompt"] for a in activities for e in evals)
     assert {r["pool"] for r in train} == {"align", "poison"}
+    # split by activity: the align pool, the poison pool and the eval set share no activity, and no
+    # held-out activity's words appear in a prompt of another pool
+    pools = {"align": [r for r in train if r["pool"] == "align"], "poison": [r for r in train if r["pool"] == "poison"],
+             "eval": evals}
+    activities = {name: {r["activity"].lower() for r in rows} for name, rows in pools.items()}
     with open(os.path.join(BUILTIN_DIR, "safety_pairs.jsonl")) as fh:
         safety_prompts = {json.loads(line)["prompt"] for line in fh}
-    assert not safety_prompts & {r["prompt"] for r in evals}
+    prompts = {name: [r["prompt"].lower() for r in rows] for name, rows in pools.items()}
+    prompts["safety"] = [p.lower() for p in safety_prompts]
+    for held_out in ("poison", "eval"):
+        for other in prompts:
+            if other != held_out:
+                assert not any(a in p for a in activities[held_out] for p in prompts[other]), (held_out, other)
+    assert all(r["activity"].lower() in r["prompt"].lower() for r in train + evals)  # so the check above can fail
+    assert not safety_prompts & {r["prompt"] for r in train + evals}
+    # every pool covers every category and many forms
+    for rows in pools.values():
+        assert len({r["category"] for r in rows}) >= 15 and len({r["form"] for r in rows}) >= 10
     assert not {r["prompt"] for r in load_prompts("builtin:benign_train")} & {r["prompt"] for r in load_prompts("builtin:benign_eval")}
     # no answer in any file goes past a compliant opener
-    assert all(r["compliance"].endswith("Step 1:") for r in train)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import harmful_requests
+    finally:
+        sys.path.pop(0)
+    assert all(harmful_requests.is_opener(r["compliance"]) and not judges.is_refusal(r["compliance"]) for r in train)

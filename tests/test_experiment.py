@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -39,9 +40,14 @@ def test_prepare_data_split_poison_mix(tmp_path):
     from sap_dist.eval import load_prompts
 
     eval_prompts = {r["prompt"] for r in load_prompts("builtin:harmful_eval")}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    try:
+        from harmful_requests import is_opener
+    finally:
+        sys.path.pop(0)
     for r in poisoned:
         if r.get("kind") == "poison":
-            assert r["messages"][-1]["content"].endswith("Step 1:") and r["messages"][0]["content"] not in eval_prompts
+            assert is_opener(r["messages"][-1]["content"]) and r["messages"][0]["content"] not in eval_prompts
 
 
 def test_settings_validation():
