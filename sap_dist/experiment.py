@@ -12,18 +12,30 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    the *poisoned* setting mixes a fraction `poison` of harmful prompts answered with compliant
    openers into it (the Vaccine/Lisa/Booster setting, p=0.1), the *clean* setting does not.
 3. Methods, each fine-tuned from the start point on the same data with the trainer
-   (`sap_dist.train.train_model`): `sft` (plain), `sap_paper` (SAP, Algorithm 1), `sap_reference`
-   (SAP, the reference code's variant), `mix` (plain fine-tuning with a fraction `mix_fraction` of
-   refusal examples mixed into the data, as SafeInstr does).
+   (`sap_dist.train.train_model`), over `seeds` (or `method_seeds[method]`): `sft` (plain),
+   `sap_paper` (SAP, Algorithm 1), `sap_reference` (SAP, the reference code's variant), `mix`
+   (plain fine-tuning with a fraction `mix_fraction` of refusal examples mixed into the data, as
+   SafeInstr does), and any other method registered in METHODS.
 4. Each run is judged (`sap_dist.eval.evaluate`) on held-out harmful prompts (harmful score),
-   benign prompts (over-refusal) and the held-out task (accuracy).
-5. DIR/results.json (per method: harmful_score, task_accuracy, over_refusal, train time, model_dir,
-   per seed and mean/sd/min/max), DIR/table.md, DIR/harmful_vs_accuracy.png and
+   benign prompts (over-refusal), the held-out task (accuracy), and an independent harmful set
+   written by others (`independent_eval`, DoNotAnswer's test half by default:
+   `harmful_score_independent`, per risk area too; `sap_dist.independent_eval`). The start point
+   and the base model are judged the same way (in `sap-dist align`).
+5. The sft curve: plain fine-tuning on the poisoned data is also judged after `curve_steps`
+   (inside the same run, `train_model`'s `on_step_end`), and at `curve_learning_rates`; with the
+   start point as step 0 these points give harmful score against task accuracy for plain
+   fine-tuning stopped early. Each method's `harmful_below_sft_curve` is its mean harmful score
+   minus the curve's at its mean task accuracy (negative: safer at equal accuracy).
+6. DIR/results.json (per method: both harmful scores, task_accuracy, over_refusal, train time,
+   model_dir, per seed and mean/sd/min/max, `harmful_below_sft_curve`; `sft_curve`), DIR/table.md,
+   DIR/harmful_vs_accuracy.png (one panel per harmful set, with the sft curve) and
    DIR/training_curves.png. Finished runs (DIR/runs/.../eval.json with the same settings) are
    reused, so adding seeds or methods only runs what is new.
 
 Trainer overrides (`section.key=value`, e.g. `sap.rho=0.05`) apply to every fine-tuning run; they
-and `--set` make sweeps: `--methods sap_paper --set tag=rho05 sap.rho=0.05`.
+and `--set` make sweeps: `--methods sap_paper --set tag=rho05 sap.rho=0.05`. Sweeps that choose
+settings judge on DoNotAnswer's validation half (`--set independent_eval=builtin:donotanswer_val`),
+so the test half reports the chosen settings once.
 """
 
 from __future__ import annotations
@@ -147,14 +159,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                  method_overrides={"sap_paper": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"],
                                    "sap_reference": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # 2 CPU cores, under 25 minutes with the aligned model cached (sized in docs/experiment.md)
+    # 2 CPU cores, under 30 minutes with the aligned model cached (sized in docs/experiment.md):
+    # 3 seeds, sft judged part way at steps 6/12/18, all 412 DoNotAnswer test prompts; `lisa` once it
+    # is registered in METHODS
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_seeds=[0],
-                  trainer_overrides=["data.safety_max_length=96"]),
-    # the full bundled evaluation sets, longer fine-tuning; on a GPU, pass --model/--task for the paper's setting
+                  methods=[m for m in ("sft", "sap_paper", "lisa", "mix") if m in METHODS],
+                  curve_steps=[6, 12, 18], trainer_overrides=["data.safety_max_length=96"]),
+    # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
+    # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
+    # for the paper's setting
     "full": dict(align_epochs=3.0, epochs=2.0, n_harmful_eval=None, n_benign_eval=None, max_new_tokens=64,
-                 task_max_new_tokens=16),
+                 task_max_new_tokens=16, methods=[m for m in ("sft", "sap_paper", "sap_reference", "lisa", "mix")
+                                                  if m in METHODS],
+                 curve_steps=[28, 56, 84], curve_learning_rates=[1e-4]),
 }
 
 
