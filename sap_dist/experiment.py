@@ -185,7 +185,11 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     if unknown:
         raise ValueError(f"unknown experiment setting(s) {', '.join(unknown)}")
     s = ExperimentSettings(**values)
-    bad = [m for m in s.methods + s.clean_methods + list(s.method_seeds) if m not in METHODS]
+    if not isinstance(s.method_seeds, dict) or not all(
+            isinstance(v, list) and all(isinstance(k, int) for k in v) for v in s.method_seeds.values()):
+        raise ValueError(f"method_seeds must map methods to lists of seeds, e.g. {{\"mix\": [0, 1, 2]}}; "
+                         f"got {s.method_seeds!r}")
+    bad = [str(m) for m in s.methods + s.clean_methods + list(s.method_seeds) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1:

@@ -55,6 +55,8 @@ def test_settings_validation():
     assert settings_from("quick", seeds=[4]).seeds == [4]
     with pytest.raises(ValueError, match="unknown method"):
         settings_from("quick", method_seeds={"dpo": [0]})
+    with pytest.raises(ValueError, match="method_seeds must map"):
+        settings_from("quick", method_seeds=[0, 1])
     with pytest.raises(ValueError, match="curve_steps"):
         settings_from("quick", curve_steps=[0, 6])
     with pytest.raises(ValueError, match="curve_learning_rates"):
@@ -239,3 +241,6 @@ def test_experiment_cli_errors(tmp_path, capsys):
     assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown experiment setting" in capsys.readouterr().err
     assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--bogus"]) == 2
+    assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--set", "method_seeds={mix: 1}"]) == 2
+    assert "method_seeds must map" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing written
