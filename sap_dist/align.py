@@ -67,6 +67,9 @@ class AlignSettings:
     benign_eval: str = "builtin:benign_eval"
     n_harmful_eval: int | None = 100
     n_benign_eval: int | None = 80
+    independent_eval: str | None = None
+    """Harmful prompts written by others (e.g. `builtin:donotanswer_test`), judged beside `harmful_eval`."""
+    n_independent_eval: int | None = None
     task_eval: list[dict] | None = None
     """Task rows {messages, reference} to measure task accuracy on (set by the experiment)."""
     max_new_tokens: int = 32
@@ -78,6 +81,7 @@ class AlignSettings:
     progress: bool = True
 
     EVAL_FIELDS = ("harmful_eval", "benign_eval", "n_harmful_eval", "n_benign_eval", "task_eval",
+                   "independent_eval", "n_independent_eval",
                    "max_new_tokens", "task_max_new_tokens", "evaluate_base", "eval_attn_implementation")
 
     def _hash(self, names: list[str]) -> str:
@@ -85,7 +89,7 @@ class AlignSettings:
         from sap_dist.eval import BUILTIN_PROMPTS
 
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
-        for name in ("harmful_train", "benign_train", "harmful_eval", "benign_eval"):
+        for name in ("harmful_train", "benign_train", "harmful_eval", "benign_eval", "independent_eval"):
             src = payload.get(name)
             path = os.path.join(BUILTIN_DIR, BUILTIN_PROMPTS[src]) if src in BUILTIN_PROMPTS else src
             if src is not None and os.path.isfile(path):
@@ -164,13 +168,21 @@ def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
 
     harmful = load_prompts(s.harmful_eval, limit=s.n_harmful_eval)
     benign = load_prompts(s.benign_eval, limit=s.n_benign_eval)
-    return evaluate(model, tokenizer, harmful, benign, s.task_eval, None, s.max_new_tokens, s.task_max_new_tokens,
-                    s.eval_batch_size, s.progress)
+    results = evaluate(model, tokenizer, harmful, benign, s.task_eval, None, s.max_new_tokens, s.task_max_new_tokens,
+                       s.eval_batch_size, s.progress)
+    if s.independent_eval:
+        from sap_dist.independent_eval import evaluate_independent, load_independent
+
+        results.update(evaluate_independent(model, tokenizer, load_independent(s.independent_eval, s.n_independent_eval),
+                                            s.max_new_tokens, s.eval_batch_size, s.progress))
+    return results
 
 
 def _metrics(results: dict) -> dict:
+    from sap_dist.independent_eval import INDEPENDENT_KEYS
+
     keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "n_prompts", "n_benign", "n_task",
-            "eval_time_s")
+            "eval_time_s") + INDEPENDENT_KEYS
     return {k: results.get(k) for k in keys}
 
 

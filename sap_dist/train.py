@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -205,8 +206,10 @@ def run(cfg: Config) -> dict:
     return train_model(cfg).summary
 
 
-def train_model(cfg: Config) -> TrainResult:
-    """Train according to `cfg`; returns the summary and the trained model."""
+def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object], None] | None = None) -> TrainResult:
+    """Train according to `cfg`; returns the summary and the trained model. `on_step_end(steps_done,
+    model, tokenizer)` is called after every step with the unwrapped model (e.g. to evaluate it part
+    way; it must leave the model as it found it)."""
     from sap_dist.models import load_model, load_tokenizer
 
     started = time.time()
@@ -278,6 +281,8 @@ def train_model(cfg: Config) -> TrainResult:
                                                "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")
+            if on_step_end is not None:
+                on_step_end(step + 1, backend.unwrapped_model(), tokenizer)
             # step boundary: a stop request on any rank stops every rank here
             if backend.any_rank(stop.received is not None):
                 path = checkpointer.save(step + 1, tokens_seen, step_times, state)

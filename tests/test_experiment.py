@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from sap_dist import experiment
-from sap_dist.experiment import ExperimentSettings, aggregate, markdown_table, prepare_data, settings_from
+from sap_dist.experiment import ExperimentSettings, aggregate, markdown_table, prepare_data, run_plan, settings_from
+from sap_dist.experiment_report import compare_with_curve, interpolate, sft_curve
 
 
 def test_prepare_data_split_poison_mix(tmp_path):
@@ -58,10 +59,105 @@ def test_settings_validation():
     with pytest.raises(ValueError, match="unknown experiment setting"):
         settings_from("quick", stepz=3)
     assert settings_from("quick", seeds=[4]).seeds == [4]
+    with pytest.raises(ValueError, match="unknown method"):
+        settings_from("quick", method_seeds={"dpo": [0]})
+    with pytest.raises(ValueError, match="method_seeds must map"):
+        settings_from("quick", method_seeds=[0, 1])
+    with pytest.raises(ValueError, match="curve_steps"):
+        settings_from("quick", curve_steps=[0, 6])
+    with pytest.raises(ValueError, match="curve_learning_rates"):
+        settings_from("quick", curve_learning_rates=[-1e-4])
+
+
+def test_run_plan_seeds_per_method_and_curve_runs():
+    s = ExperimentSettings(methods=["sft", "mix", "sap_paper"], clean_methods=["sft"], seeds=[0, 1, 2],
+                           method_seeds={"mix": [0], "sap_paper": [0, 1, 2, 3]}, clean_seeds=[0],
+                           curve_learning_rates=[1e-4])
+    plan = run_plan(s)
+    assert len(plan) == len(set(plan))
+    assert sorted(k for k, st, m, lr in plan if m == "mix") == [0]
+    assert sorted(k for k, st, m, lr in plan if m == "sap_paper") == [0, 1, 2, 3]
+    assert sorted(k for k, st, m, lr in plan if st == "clean") == [0]
+    assert sorted(k for k, st, m, lr in plan if m == "sft" and lr == 1e-4) == [0, 1, 2]
+    assert [m for k, st, m, lr in plan if k == 3] == ["sap_paper"]
+
+
+def test_sft_curve_and_distance_below_it():
+    """The curve runs through the start point and plain fine-tuning's part-way points (mean over
+    seeds); a method is compared with it at its own mean task accuracy."""
+    start = {"harmful_score": 0.0, "harmful_score_independent": 10.0, "task_accuracy": 0.0}
+
+    def sft(seed, points):
+        return {"setting": "poisoned", "method": "sft", "seed": seed, "learning_rate": 3e-4,
+                "curve": [{"step": k, "harmful_score": h, "harmful_score_independent": hi, "task_accuracy": a}
+                          for k, h, hi, a in points]}
+    rows = [sft(0, [(12, 30.0, 40.0, 40.0), (24, 80.0, 60.0, 80.0)]),
+            sft(1, [(12, 50.0, 40.0, 60.0), (24, 80.0, 80.0, 80.0)]),
+            {"setting": "clean", "method": "sft", "seed": 0, "learning_rate": 3e-4,
+             "curve": [{"step": 24, "harmful_score": 99.0, "harmful_score_independent": 99.0, "task_accuracy": 99.0}]}]
+    curve = sft_curve(rows, start, "poisoned")
+    assert [(p["step"], p["n"], p["task_accuracy"], p["harmful_score"]) for p in curve["mean"]] == \
+        [(0, 1, 0.0, 0.0), (12, 2, 50.0, 40.0), (24, 2, 80.0, 80.0)]
+    assert len(curve["points"]) == 5  # the start point and 2 per seed; the clean run is not on it
+    assert interpolate(curve["mean"], 65.0, "harmful_score") == 60.0
+    assert interpolate(curve["mean"], 25.0, "harmful_score_independent") == 25.0
+    assert interpolate(curve["mean"], 85.0, "harmful_score") is None  # no extrapolation
+    summary = {"poisoned/sap_paper": {"setting": "poisoned", "harmful_score": {"mean": 20.0},
+                                      "harmful_score_independent": {"mean": 70.0}, "task_accuracy": {"mean": 65.0}},
+               "clean/sft": {"setting": "clean", "harmful_score": {"mean": 99.0},
+                             "harmful_score_independent": {"mean": 99.0}, "task_accuracy": {"mean": 65.0}}}
+    compare_with_curve(summary, curve)
+    assert summary["poisoned/sap_paper"]["harmful_below_sft_curve"] == {"harmful_score": -40.0,
+                                                                         "harmful_score_independent": 15.0}
+    assert summary["poisoned/sap_paper"]["sft_curve_at_accuracy"] == {"harmful_score": 60.0,
+                                                                       "harmful_score_independent": 55.0}
+    assert summary["clean/sft"]["harmful_below_sft_curve"] is None
+
+
+def test_judging_part_way_leaves_training_exact(tmp_path):
+    """The sft curve's part-way points judge the model inside `train_model` (`on_step_end`): the
+    model judged after step 1 is the one a 1-step run ends with, and judging it (generation, other
+    attention) does not change what training does next."""
+    import torch
+
+    from sap_dist.experiment_runs import eval_sets, generation_attention, judge_harmful, trainer_config
+    from sap_dist.train import train_model
+
+    s = settings_from("tiny", attn_implementation="eager", eval_attn_implementation="sdpa", n_harmful_eval=2,
+                      n_independent_eval=2)
+    data = prepare_data(s, str(tmp_path))
+    sets = eval_sets(s)
+    task_eval = data["task_eval"][:2]
+    path = data["train"]["poisoned"]["plain"]
+
+    def weights(model):
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    seen = {}
+
+    def judge(step, model, tokenizer):
+        if step == 1:
+            seen["weights"] = weights(model)
+            with generation_attention(model, s.eval_attn_implementation):
+                seen["results"] = judge_harmful(model, tokenizer, s, sets, False, task_eval)
+            seen["attention"] = model.get_base_model().config._attn_implementation
+
+    judged = train_model(trainer_config(s, s.model, "sft", path, 0, str(tmp_path / "judged")), judge)
+    plain = train_model(trainer_config(s, s.model, "sft", path, 0, str(tmp_path / "plain")))
+    one_step = trainer_config(s, s.model, "sft", path, 0, str(tmp_path / "one"))
+    one_step.train.max_steps = 1
+    one = train_model(one_step)
+    assert seen["results"]["n_independent"] == 2 and seen["attention"] == "eager"
+    for name, w in weights(one.model).items():
+        assert torch.equal(w, seen["weights"][name]), name
+    after_judging, without = weights(judged.model), weights(plain.model)
+    assert all(torch.equal(after_judging[k], without[k]) for k in without)
+    assert any(not torch.equal(after_judging[k], seen["weights"][k]) for k in without)
 
 
 def test_aggregate_and_table():
     rows = [{"setting": "poisoned", "method": m, "seed": k, "harmful_score": h, "task_accuracy": 50.0 + k,
+             "harmful_score_independent": h / 2, "harmful_score_independent_by_risk_area": {"a": h, "b": 0.0},
              "over_refusal": 0.0, "refusal_rate": 100 - h, "train_time_s": 10.0, "mean_step_time_s": 1.0,
              "model_dir": f"/x/{m}/{k}"}
             for m, hs in (("sft", (60.0, 70.0)), ("sap_paper", (40.0, 50.0))) for k, h in enumerate(hs)]
@@ -69,10 +165,18 @@ def test_aggregate_and_table():
     assert summary["poisoned/sft"]["harmful_score"]["mean"] == 65.0
     assert summary["poisoned/sft"]["harmful_score"]["sd"] == pytest.approx(7.07, abs=0.01)
     assert summary["poisoned/sap_paper"]["model_dir"] == ["/x/sap_paper/0", "/x/sap_paper/1"]
+    assert summary["poisoned/sft"]["harmful_score_independent"]["mean"] == 32.5
+    assert summary["poisoned/sft"]["harmful_score_independent_by_risk_area"] == {"a": 65.0, "b": 0.0}
+    summary["poisoned/sap_paper"]["harmful_below_sft_curve"] = {"harmful_score": -20.0, "harmful_score_independent": 1.5}
     table = markdown_table(summary, {"base": None, "aligned": {"harmful_score": 20.0, "task_accuracy": 1.0,
+                                                                "harmful_score_independent": 30.0,
                                                                 "over_refusal": 5.0}}, ExperimentSettings())
-    assert "| plain fine-tuning (`sft`) | poisoned p=0.1 | 65.0 ± 7.1 | 50.5 ± 0.7 |" in table
-    assert "start point (aligned)" in table and table.count("\n") == 5
+    assert "| harmful ↓ (bundled) | harmful ↓ (donotanswer_test) | task accuracy ↑ |" in table
+    assert "| plain fine-tuning (`sft`) | poisoned p=0.1 | 65.0 ± 7.1 | 32.5 ± 3.5 | 50.5 ± 0.7 | 0.0 ± 0.0 | – / – |" in table
+    assert "| SAP (paper) (`sap_paper`) | poisoned p=0.1 | 45.0 ± 7.1 | 22.5 ± 3.5 | 50.5 ± 0.7 | 0.0 ± 0.0 | -20.0 / +1.5 |" \
+        in table
+    assert "| start point (aligned), no fine-tuning | – | 20.0 | 30.0 | 1.0 | 5.0 |" in table
+    assert "| `sft` | poisoned | 65.0 | 0.0 |" in table  # per risk area
 
 
 def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
@@ -91,6 +195,38 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
         assert group["harmful_score"]["n"] == 1
     assert methods["poisoned/sap_paper"]["runs"][0]["steps"] == 2
     assert results["align"]["aligned"]["n_prompts"] == 6
+    # the independent set (10 DoNotAnswer test prompts) beside the bundled harmful prompts
+    from sap_dist.independent_eval import load_independent
+
+    chosen = load_independent("builtin:donotanswer_test", 10)
+    areas = {r["risk_area"] for r in chosen}
+    assert areas == {r["risk_area"] for r in load_independent("builtin:donotanswer_test")}  # spread: every risk area
+    for m in [results["reference"]["aligned"], results["reference"]["base"]] + [g["runs"][0] for g in methods.values()]:
+        assert m["n_independent"] == 10 and 0 <= m["harmful_score_independent"] <= 100
+        by_area = m["harmful_score_independent_by_risk_area"]
+        assert set(by_area) == areas and min(by_area.values()) <= m["harmful_score_independent"] <= max(by_area.values())
+    judged = json.loads((out / "runs" / "poisoned" / "sft" / "seed0" / "eval.json").read_text())["results"]
+    assert [r["prompt"] for r in judged["independent"]] == [r["prompt"] for r in chosen]
+    assert judged["harmful_score_independent"] == 10 * sum(r["verdict"]["harmful"] for r in judged["independent"])
+    # the sft curve: the start point, then every sft run after 1 step and at its end (2 steps), at
+    # the preset's learning rate and at curve_learning_rates' 1e-4
+    curve = results["sft_curve"]
+    assert [(p["learning_rate"], p["step"]) for p in curve["mean"]] == [(None, 0), (1e-4, 1), (1e-4, 2), (2e-4, 1), (2e-4, 2)]
+    sft_run = methods["poisoned/sft"]["runs"][0]
+    assert [p["step"] for p in sft_run["curve"]] == [1, 2]
+    assert {k: sft_run["curve"][-1][k] for k in ("harmful_score", "harmful_score_independent", "task_accuracy")} == \
+        {k: sft_run[k] for k in ("harmful_score", "harmful_score_independent", "task_accuracy")}
+    assert [r["learning_rate"] for r in results["sft_curve_runs"]] == [1e-4]
+    assert "poisoned/sft" in methods and len(methods["poisoned/sft"]["runs"]) == 1  # the 1e-4 run is not in it
+    for key, group in methods.items():
+        if group["setting"] == "poisoned":
+            at = interpolate(curve["mean"], group["task_accuracy"]["mean"], "harmful_score_independent")
+            below = group["harmful_below_sft_curve"]["harmful_score_independent"]
+            assert below == (None if at is None else round(group["harmful_score_independent"]["mean"] - at, 2))
+        else:
+            assert group["harmful_below_sft_curve"] is None
+    table = results["table_markdown"]
+    assert "harmful ↓ (donotanswer_test)" in table and "judged part way" in table and "per risk area" in table
     assert os.path.exists(os.path.join(results["start_model"], "config.json"))
     assert (out / "table.md").read_text() == results["table_markdown"]
     for path in results["plots"]:
@@ -111,3 +247,6 @@ def test_experiment_cli_errors(tmp_path, capsys):
     assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--set", "nonsense=1"]) == 2
     assert "unknown experiment setting" in capsys.readouterr().err
     assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--bogus"]) == 2
+    assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--set", "method_seeds={mix: 1}"]) == 2
+    assert "method_seeds must map" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing written

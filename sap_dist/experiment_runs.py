@@ -1,0 +1,150 @@
+"""The experiment's runs (`sap-dist experiment`, steps 3-4): fine-tune one (setting, method, seed)
+from the start point with the trainer, judge it on the bundled harmful prompts, the independent
+set, the benign prompts and the held-out task, and cache the result in its run directory. Plain
+fine-tuning's runs are also judged part way (`curve_steps`): the sft curve other methods are
+compared with at equal task accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sap_dist.experiment import ExperimentSettings
+
+RUN_METRICS = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "task_accuracy_by_subtask",
+               "n_prompts", "n_benign", "n_task", "eval_time_s")
+CURVE_METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy")
+"""What each point of the sft curve holds (besides step and evaluation time)."""
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_path: str, seed: int, out: str,
+                   learning_rate: float | None = None):
+    from sap_dist.config import load_config
+    from sap_dist.experiment import METHODS
+
+    base = {
+        "model.name_or_path": start_model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
+        "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": 2 * s.lora_r,
+        "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
+        "data.task": data_path, "data.safety": s.safety, "data.max_length": s.max_length,
+        "train.output_dir": out, "train.overwrite": True, "train.seed": seed, "train.max_steps": s.steps,
+        "train.epochs": s.epochs, "train.batch_size": s.batch_size,
+        "train.learning_rate": learning_rate if learning_rate is not None else s.learning_rate,
+        "train.tensorboard": False, "checkpoint.every_steps": 0,
+        **METHODS[method],
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in base.items()]
+    overrides += list(s.trainer_overrides) + list(s.method_overrides.get(method, []))
+    return load_config(None, overrides)
+
+
+def eval_sets(s: ExperimentSettings) -> dict[str, list[dict]]:
+    """The prompt sets every run is judged on: harmful (bundled), benign, independent (may be empty)."""
+    from sap_dist.eval import load_prompts
+    from sap_dist.independent_eval import load_independent
+
+    return {"harmful": load_prompts(s.harmful_eval, limit=s.n_harmful_eval),
+            "benign": load_prompts(s.benign_eval, limit=s.n_benign_eval),
+            "independent": load_independent(s.independent_eval, s.n_independent_eval) if s.independent_eval else []}
+
+
+def set_attn_implementation(model, name: str | None) -> None:
+    """Switch a (peft-wrapped) model's attention implementation for generation; None: keep it."""
+    if name:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.set_attn_implementation(name)
+
+
+@contextlib.contextmanager
+def generation_attention(model, name: str | None):
+    """Generate with attention `name` inside the block, then switch back to what training uses."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(inner.config, "_attn_implementation", None)
+    set_attn_implementation(model, name)
+    try:
+        yield
+    finally:
+        if name and before and before != name:
+            inner.set_attn_implementation(before)
+
+
+def judge_harmful(model, tokenizer, s: ExperimentSettings, sets: dict, benign: bool, task_eval: list[dict]) -> dict:
+    """Bundled harmful prompts (and benign ones when `benign`), the task, and the independent set."""
+    from sap_dist.eval import evaluate
+    from sap_dist.independent_eval import evaluate_independent
+
+    results = evaluate(model, tokenizer, sets["harmful"], sets["benign"] if benign else None, task_eval, None,
+                       s.max_new_tokens, s.task_max_new_tokens, s.eval_batch_size)
+    results.update(evaluate_independent(model, tokenizer, sets["independent"], s.max_new_tokens, s.eval_batch_size))
+    return results
+
+
+def run_dir_name(method: str, learning_rate: float | None) -> str:
+    return method if learning_rate is None else f"{method}_lr{learning_rate:g}"
+
+
+def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, seed: int, data_path: str,
+            sets: dict, task_eval: list[dict], out_dir: str, learning_rate: float | None = None,
+            curve_steps: list[int] | None = None) -> dict:
+    """Fine-tune one (setting, method, seed), evaluate it, write its eval.json; reuse a finished
+    run with the same configuration. `curve_steps`: also judge the model after these steps (harmful
+    on both sets and task accuracy, as `curve` in the row, with the end point last)."""
+    from sap_dist.config import to_dict
+    from sap_dist.independent_eval import INDEPENDENT_KEYS
+    from sap_dist.train import train_model
+
+    run_dir = os.path.join(out_dir, "runs", setting, run_dir_name(method, learning_rate), f"seed{seed}")
+    cfg = trainer_config(s, start_model, method, data_path, seed, run_dir, learning_rate)
+    with open(data_path, "rb") as fh:
+        data_sha = hashlib.sha256(fh.read()).hexdigest()
+    eval_conf = {k: getattr(s, k) for k in ("harmful_eval", "n_harmful_eval", "benign_eval", "n_benign_eval",
+                                            "independent_eval", "n_independent_eval", "max_new_tokens",
+                                            "task_max_new_tokens", "eval_attn_implementation")}
+    key = _hash({"cfg": to_dict(cfg), "data": data_sha, "eval": eval_conf, "task_eval": task_eval,
+                 "curve_steps": sorted(set(curve_steps or []))})
+    eval_path = os.path.join(run_dir, "eval.json")
+    if os.path.exists(eval_path):
+        with open(eval_path) as fh:
+            previous = json.load(fh)
+        if previous.get("run_key") == key:
+            return previous["row"] | {"reused": True}
+
+    curve: list[dict] = []
+    wanted = set(curve_steps or [])
+
+    def judge_part_way(step: int, model, tokenizer) -> None:
+        if step in wanted:
+            with generation_attention(model, s.eval_attn_implementation):
+                results = judge_harmful(model, tokenizer, s, sets, False, task_eval)
+            curve.append({"step": step, **{k: results.get(k) for k in CURVE_METRICS},
+                          "eval_time_s": results["eval_time_s"] + (results["eval_time_independent_s"] or 0)})
+
+    started = time.time()
+    result = train_model(cfg, judge_part_way if wanted else None)
+    train_time = time.time() - started - sum(p["eval_time_s"] for p in curve)
+    set_attn_implementation(result.model, s.eval_attn_implementation)
+    results = judge_harmful(result.model, result.tokenizer, s, sets, True, task_eval)
+    summary = result.summary
+    if curve_steps is not None:
+        curve = [p for p in curve if p["step"] < summary["steps"]]
+        curve.append({"step": summary["steps"], **{k: results.get(k) for k in CURVE_METRICS}, "end": True})
+    row = {"setting": setting, "method": method, "seed": seed, "learning_rate": cfg.train.learning_rate,
+           **{k: results.get(k) for k in RUN_METRICS + INDEPENDENT_KEYS},
+           "train_time_s": round(train_time, 1), "mean_step_time_s": summary.get("mean_step_time_s"),
+           "steps": summary.get("steps"), "task_examples": summary.get("task_examples"),
+           "model_dir": summary.get("output_dir"), "metrics": summary.get("metrics"), "reused": False}
+    if curve_steps is not None:
+        row["curve"] = curve
+    with open(eval_path, "w") as fh:
+        json.dump({"run_key": key, "row": row, "results": results}, fh, indent=2)
+    del result
+    return row

@@ -1,0 +1,52 @@
+"""Harmful score on an independent prompt set (prompts written by others, e.g. the bundled
+DoNotAnswer halves `builtin:donotanswer_val` / `builtin:donotanswer_test`), overall and per
+risk area, with the same judge and generation settings as the bundled harmful prompts.
+
+Issue 10 found that the protection measured on the project's own template-like prompts is much
+weaker on prompts written by others; every experiment run reports both side by side."""
+
+from __future__ import annotations
+
+import time
+
+INDEPENDENT_KEYS = ("harmful_score_independent", "refusal_rate_independent", "n_independent",
+                    "harmful_score_independent_by_risk_area", "eval_time_independent_s")
+"""The summary keys `evaluate_independent` returns (besides the per-prompt list)."""
+
+
+def load_independent(source: str, n: int | None = None) -> list[dict]:
+    """The independent prompt rows, or `n` of them spread evenly over the file (the bundled files
+    are ordered by risk area, so the first N rows would cover only the first areas)."""
+    from sap_dist.eval import load_prompts
+
+    rows = load_prompts(source)
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
+def scores_by(rows: list[dict], field: str) -> dict[str, float]:
+    """Percent of judged prompt rows (`{field: ..., "verdict": {"harmful": ...}}`) that are
+    harmful, per value of `field` (rows without it are left out)."""
+    groups: dict[str, list[bool]] = {}
+    for row in rows:
+        if isinstance(row.get(field), str):
+            groups.setdefault(row[field], []).append(bool(row["verdict"]["harmful"]))
+    return {k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(groups.items())}
+
+
+def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
+                         progress: bool = True, group_field: str = "risk_area") -> dict:
+    """Generate greedily for `prompts` (prompt rows, `sap_dist.eval.load_prompts`) and judge with
+    the keyword judge; returns the `INDEPENDENT_KEYS` and `independent` (every prompt with its
+    answer and verdict). No prompts: the scores are None."""
+    from sap_dist.eval import evaluate
+
+    if not prompts:
+        return {k: None for k in INDEPENDENT_KEYS} | {"n_independent": 0, "independent": []}
+    started = time.time()
+    results = evaluate(model, tokenizer, prompts, None, None, None, max_new_tokens, max_new_tokens, batch_size, progress)
+    return {"harmful_score_independent": results["harmful_score"], "refusal_rate_independent": results["refusal_rate"],
+            "n_independent": results["n_prompts"],
+            "harmful_score_independent_by_risk_area": scores_by(results["harmful"], group_field),
+            "eval_time_independent_s": round(time.time() - started, 1), "independent": results["harmful"]}
