@@ -105,10 +105,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         if m.method == "sft":
             metrics = sft_step(backend, probe, batch, tokens)
         else:
-            probe_rows = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
-            pb = batch if len(probe_rows) == len(rows) else _collate_task(task_batches.local(probe_rows), pad, dev)
+            probe_rows, probe_local = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
             sb = _collate_safety(safety_batches.local(safety_batches.global_batch(index)), pad, dev)
-            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], pb, float(_response_tokens(probe_rows)))
+            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], probe_local, float(_response_tokens(probe_rows)))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0, metrics, sum(len(r["input_ids"]) for r in rows)

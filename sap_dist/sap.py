@@ -1,6 +1,6 @@
 """One optimizer step: plain fine-tuning (`sft_step`) or safety-aware probing (`sap_step`).
 
-Written once against `sap_dist.backends.base.Backend`; see shared/SAP.md for the algorithm.
+Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm.
 Losses are scaled so that the data-parallel *mean* gradient over ranks equals the gradient
 of the global batch computed in one process: each rank divides its local sum by the global
 count and multiplies by the world size.
@@ -168,14 +168,22 @@ def _check_finite(value: float, what: str) -> None:
         raise NonFiniteLossError(f"{what} is {value}")
 
 
-def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict) -> float:
-    """Forward + backward of the task loss; returns the global loss value (checked finite)."""
-    loss = task_loss(backend, batch, global_tokens)
+def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict,
+                rows: torch.Tensor | None = None, rows_tokens: float | None = None) -> float | None:
+    """Forward + backward of the task loss (its global value, checked finite, goes into
+    `metrics`). With `rows` (local row indices) it returns the task loss over those rows alone,
+    normalised by their global token count `rows_tokens`, from the same forward."""
+    nll_sums, _ = _forward_nll(backend, batch)
+    loss = nll_sums.sum() * backend.world_size / global_tokens
     value = float(backend.all_reduce_mean_(loss.detach().clone()))
     _check_finite(value, "task loss")
+    rows_value = None
+    if rows is not None:
+        rows_loss = nll_sums.detach()[rows.to(nll_sums.device)].sum() * backend.world_size / rows_tokens
+        rows_value = float(backend.all_reduce_mean_(rows_loss))
     backend.backward(loss)
     metrics["task_loss"] = value
-    return value
+    return rows_value
 
 
 def _step(backend: Backend, metrics: dict) -> None:
@@ -238,13 +246,21 @@ def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapC
     return out
 
 
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows `rows` of a collated batch (its padding stays: masked, so it changes nothing)."""
+    return {k: v[rows.to(v.device)] for k, v in batch.items()}
+
+
 def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_tokens: float,
-             cfg: SapConfig, state: SapState, probe_batch=None, probe_tokens: float | None = None) -> dict:
+             cfg: SapConfig, state: SapState, probe_rows: torch.Tensor | None = None,
+             probe_tokens: float | None = None) -> dict:
     """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe).
 
-    The probe passes run on `probe_batch` (default: the task batch) with `probe_tokens`
-    response tokens globally. Between refreshes (`cfg.probe_every` > 1) the step is a plain
-    training pass with the last probe in place."""
+    The probe's gradients u_harm and u_here are both taken over the rows `probe_rows` (local
+    indices into the task batch; default: every row) and normalised by their global response
+    token count `probe_tokens`, so u_harm - u_here differs by the perturbation only. Between
+    refreshes (`cfg.probe_every` > 1) the step is a plain training pass with the last probe
+    in place."""
     metrics: dict = {}
     timer = _PassTimer(backend.device)
     probe.enabled = False
@@ -257,8 +273,11 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         state.last_probe = v_used
         metrics["probe_norm"] = _norm(v_used)
         return metrics | timer.times
-    if probe_batch is None:
+    if probe_rows is None:
         probe_batch, probe_tokens = task_batch, global_tokens
+        probe_rows = torch.arange(task_batch["input_ids"].shape[0])
+    else:
+        probe_batch = select_rows(task_batch, probe_rows)
 
     with timer("safety"):
         scale = harmful_direction(backend, safety_batch, cfg, metrics)
@@ -295,8 +314,10 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         with timer("train"):
             _set_rng_state(backend.device, dropout_rng)
             u_here: list[torch.Tensor] = []
-            # u_here comes from the same backward as the weight gradient (one-step lag)
-            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, u_here)
+            # u_here comes from the same backward as the weight gradient (one-step lag), over
+            # the probe rows only and normalised as u_harm is
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
+                                       u_here, probe_rows, probe_tokens)
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
         metrics["probe_next_norm"] = _norm(state.next_probe)
@@ -311,23 +332,34 @@ def _norm(vectors: list[torch.Tensor]) -> float:
 
 
 def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: float, values, metrics: dict,
-                      probe_grad_out: list | None) -> list[torch.Tensor]:
+                      probe_grad_out: list | None, rows: torch.Tensor | None = None,
+                      rows_tokens: float | None = None) -> list[torch.Tensor]:
     """Training pass and weight step with the probe set to `values` (None: zeros). If
-    `probe_grad_out` is a list, the probe's gradient from the same backward (DP mean) is
-    appended to it. Returns the probe values used."""
+    `probe_grad_out` is a list, the probe gradient of the task loss over the rows `rows` alone
+    (normalised by their global token count `rows_tokens`; DP mean), taken from the same
+    backward through `Probe.start_row_gradient`, is appended to it, and that loss's value
+    goes into metrics['task_loss_probe_rows']. Returns the probe values used."""
     probe.set(values)
     probe.enabled = True
     want_grad = probe_grad_out is not None
     for v in probe.vectors:
         v.grad = None
-        v.requires_grad_(want_grad)  # no probe gradient unless asked: less work in backward
+        v.requires_grad_(False)  # the probe's own gradient is never needed here: less work
+    if want_grad:
+        probe.start_row_gradient(rows, batch["input_ids"].shape[0])
     try:
-        _train_pass(backend, batch, global_tokens, metrics)
+        rows_loss = _train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
         if want_grad:
-            probe_grad_out.extend(backend.all_reduce_mean_(v.grad.detach().float().clone()) for v in probe.vectors)
+            # d(rows' nll / global_tokens) -> d(rows' nll / rows_tokens)
+            rescale = global_tokens / rows_tokens
+            probe_grad_out.extend(backend.all_reduce_mean_((g.float() * rescale).to(backend.device))
+                                  for g in probe.stop_row_gradient())
+            metrics["task_loss_probe_rows"] = rows_loss
         used = [v.detach().clone() for v in probe.vectors]
         _step(backend, metrics)
     finally:
+        if probe.row_mask is not None:
+            probe.stop_row_gradient()
         for v in probe.vectors:
             v.grad = None
             v.requires_grad_(True)

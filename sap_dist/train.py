@@ -132,6 +132,8 @@ def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
     for name, size in (("train.batch_size", cfg.train.batch_size), ("sap.safety_batch_size", cfg.sap.safety_batch_size)):
         if size % world_size:
             raise ConfigError(f"{name}={size} is a global batch size and must divide evenly over {world_size} ranks")
+    if cfg.sap.method == "sap":
+        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
     return task, task_stats, safety, safety_stats
 
 
@@ -174,12 +176,30 @@ def _collate_safety(pairs: list[dict], pad_id: int, device) -> dict:
     return _collate_task([p["safe"] for p in pairs] + [p["harmful"] for p in pairs], pad_id, device)
 
 
-def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> list[dict]:
-    """The first rows of the global batch that the probe passes use: `fraction` of it,
-    rounded to a whole number of rows per rank (at least one), so every world size picks
-    the same rows."""
-    per_rank = max(1, round(fraction * len(rows) / world_size))
-    return rows[:per_rank * world_size]
+def probe_row_count(batch_size: int, fraction: float, world_size: int) -> int:
+    """Rows of a global batch the probe passes use: `fraction` of `batch_size`, rounded. It
+    must be a positive multiple of the world size (every rank takes the same number of the
+    strided rows, so every world size picks the same ones); ConfigError otherwise."""
+    count = round(fraction * batch_size)
+    if count < world_size or count % world_size:
+        raise ConfigError(
+            f"sap.probe_batch_fraction={fraction} of train.batch_size={batch_size} gives {count} probe rows, "
+            f"which must be a positive multiple of the {world_size} ranks; choose another sap.probe_batch_fraction "
+            f"or train.batch_size"
+        )
+    return count
+
+
+def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> tuple[list[dict], torch.Tensor]:
+    """(The global batch's rows the probe passes use, their indices in this rank's slice.)
+
+    With B rows and P probe rows they are the strided rows floor(i*B/P), i < P: the same rows
+    on every world size, and exactly P/world_size of them in each rank's contiguous slice, at
+    the same local indices floor(j*B/P), j < P/world_size, on every rank."""
+    size = len(rows)
+    count = probe_row_count(size, fraction, world_size)
+    chosen = [rows[i * size // count] for i in range(count)]
+    return chosen, torch.tensor([j * size // count for j in range(count // world_size)], dtype=torch.long)
 
 
 def _response_tokens(rows: list[dict]) -> int:
@@ -262,11 +282,9 @@ def train_model(cfg: Config) -> TrainResult:
             batch = _collate_task(task_batches.local(rows), pad_id, backend.device)
             if cfg.sap.method == "sap":
                 safety_rows = safety_batches.local(safety_batches.global_batch(step))
-                probe_rows = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
-                probe_batch = batch if len(probe_rows) == len(rows) else _collate_task(
-                    task_batches.local(probe_rows), pad_id, backend.device)
+                probe_rows, probe_local = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
                 metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
-                                   float(global_tokens), cfg.sap, state, probe_batch, float(_response_tokens(probe_rows)))
+                                   float(global_tokens), cfg.sap, state, probe_local, float(_response_tokens(probe_rows)))
             else:
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0
