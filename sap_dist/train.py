@@ -132,8 +132,6 @@ def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
     for name, size in (("train.batch_size", cfg.train.batch_size), ("sap.safety_batch_size", cfg.sap.safety_batch_size)):
         if size % world_size:
             raise ConfigError(f"{name}={size} is a global batch size and must divide evenly over {world_size} ranks")
-    if cfg.sap.method == "sap":
-        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
     return task, task_stats, safety, safety_stats
 
 
@@ -232,6 +230,8 @@ def train_model(cfg: Config) -> TrainResult:
     started = time.time()
     launch = launch_from_env()
     rank, world_size = launch.rank, launch.world_size
+    if cfg.sap.method == "sap":  # refused before anything is written
+        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
     candidates, explicit = resume_candidates(cfg, world_size)  # checkpoints to try, newest first
     out = _setup_output_dir(cfg, rank, resuming=bool(candidates))
     torch.manual_seed(cfg.train.seed)
