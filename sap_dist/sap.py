@@ -8,6 +8,7 @@ count and multiplies by the world size.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import weakref
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 from sap_dist.backends.base import Backend
 from sap_dist.config import SapConfig
 from sap_dist.probe import Probe
+
+
+logger = logging.getLogger(__name__)
+
+PERTURBATION_TOO_SMALL = 0.1
+"""A realised perturbation below this fraction of rho*||W|| is reported as rounded away."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,6 +45,8 @@ class SapState:
     """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0)."""
     last_probe: list[torch.Tensor] = field(default_factory=list)
     """The probe the last weight step was taken with (saved as probe.pt)."""
+    perturbation_warning: str | None = None
+    """The first warning that the perturbation was (nearly) rounded away (summary.json)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,6 +313,7 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         # What the perturbation did to the task loss the forward computed: exactly 0 means
         # it was rounded away (e.g. a tiny rho against a bf16 forward), see PILOT.md.
         metrics["perturb_loss_shift"] = loss_harm - loss_here
+        _check_perturbation(backend, state, metrics, loss_harm, loss_here)
         v_safe = _scale_probe([a - b for a, b in zip(u_harm, u_here)], hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):
@@ -318,6 +328,9 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
             # the probe rows only and normalised as u_harm is
             v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
                                        u_here, probe_rows, probe_tokens)
+        # the training pass computed the unperturbed loss of the same rows (at the lagged probe)
+        metrics["perturb_loss_shift"] = loss_harm - metrics["task_loss_probe_rows"]
+        _check_perturbation(backend, state, metrics, loss_harm, metrics["task_loss_probe_rows"])
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
         metrics["probe_next_norm"] = _norm(state.next_probe)
@@ -325,6 +338,27 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     state.last_probe = v_used
     metrics["probe_norm"] = _norm(v_used)
     return metrics | timer.times
+
+
+def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_perturbed: float,
+                        loss_unperturbed: float) -> None:
+    """Warn once (log and `state.perturbation_warning`) when the perturbation was rounded
+    (nearly) away: its realised size far below rho*||W||, or the perturbed loss equal to the
+    unperturbed one (e.g. a tiny rho against bf16 weights). A degenerate direction is
+    reported by `safety_degenerate` instead."""
+    if metrics.get("safety_degenerate") or state.perturbation_warning is not None:
+        return
+    intended, realized = metrics["perturb_norm_intended"], metrics["perturb_norm_realized"]
+    problem = None
+    if realized < PERTURBATION_TOO_SMALL * intended:
+        problem = f"realised perturbation {realized:.3g} is far below the intended rho*||W|| = {intended:.3g}"
+    elif loss_perturbed == loss_unperturbed:
+        problem = f"the perturbed task loss equals the unperturbed one ({loss_perturbed:.6g})"
+    if problem:
+        state.perturbation_warning = (f"SAP step {state.steps_done}: {problem}: the perturbation was rounded away "
+                                      "(raise sap.rho or train the weights in higher precision)")
+        if backend.rank == 0:
+            logger.warning(state.perturbation_warning)
 
 
 def _norm(vectors: list[torch.Tensor]) -> float:

@@ -344,6 +344,7 @@ def train_model(cfg: Config) -> TrainResult:
         "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
         "wall_time_s": time.time() - started,
         "peak_memory_mb": peak_memory_mb(backend.device),
+        "perturbation_warning": state.perturbation_warning,
         "resumed_from": resumed["path"] if resumed else None,
         "last_checkpoint": checkpointer.last_saved,
         "output_dir": os.path.abspath(out),

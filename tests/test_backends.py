@@ -442,7 +442,8 @@ def test_ds_config_enforces_what_sap_needs(tmp_path):
 
     for bad, match in (({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "nvme"),
                        ({"fp16": {"enabled": True}}, "fp16"),
-                       ({"zero_optimization": {"stage": 1}}, "stage 1")):
+                       ({"zero_optimization": {"stage": 1}}, "stage 1"),
+                       ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, "zero_hpz_partition_size=8")):
         user.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             build_ds_config(None, False, DistributedConfig(deepspeed_config=str(user)), spec, 2, torch.float32, env={})

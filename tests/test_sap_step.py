@@ -379,3 +379,19 @@ def test_loss_on_response_positions_only_equals_full_logits(wrap):
     assert torch.allclose(got, want, rtol=1e-6, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_a_rounded_away_perturbation_is_warned_once(variant, caplog):
+    """rho=1e-12 moves fp32 weights by (next to) nothing: the step warns once, naming the
+    realised and intended sizes; a normal rho does not warn."""
+    tiny_rho = SapConfig(variant=variant, rho=1e-12, probe_layers=LAYERS)
+    data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
+    with caplog.at_level("WARNING", logger="sap_dist.sap"):
+        _, state = run_sap(tiny_lora_model(), tiny_rho, data, [0, 2])
+    assert state.perturbation_warning is not None and "rounded away" in state.perturbation_warning
+    assert "SAP step 1" in state.perturbation_warning
+    assert sum("rounded away" in r.getMessage() for r in caplog.records) == 1
+    assert all(m["perturb_norm_realized"] < 0.1 * m["perturb_norm_intended"] for m in run_sap.metrics)
+    _, state = run_sap(tiny_lora_model(), SapConfig(variant=variant, rho=0.05, probe_layers=LAYERS), data, [0, 2])
+    assert state.perturbation_warning is None

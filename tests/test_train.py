@@ -135,6 +135,12 @@ def test_probe_rows_are_the_same_on_every_world_size(size, fraction):
         probe_row_count(8, 0.5, 8)
 
 
+def test_a_rounded_away_perturbation_is_reported_in_the_summary(tmp_path):
+    summary = run(tiny(tmp_path, "sap.rho=1e-12", "train.max_steps=1"))
+    assert "rounded away" in summary["perturbation_warning"]
+    assert json.loads((tmp_path / "summary.json").read_text())["perturbation_warning"] == summary["perturbation_warning"]
+
+
 def test_probe_batch_of_no_rows_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--config", "tiny", f"train.output_dir={out}", "sap.probe_batch_fraction=0.1"]) == 2

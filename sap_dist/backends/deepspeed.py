@@ -86,6 +86,12 @@ def build_ds_config(
             section = {"pin_memory": True, **(zero.get(key) or {}), "device": "cpu"}
             section["pin_memory"] = bool(section["pin_memory"]) and torch.cuda.is_available()  # no pinning without CUDA
             zero[key] = section
+    if int(zero.get("zero_hpz_partition_size") or 1) > 1:
+        # ZeRO++ keeps a secondary copy of the weights per node that the forward gathers
+        # from; SAP edits the primary partitions, so the perturbation would never reach it
+        raise ValueError(f"zero_optimization.zero_hpz_partition_size={zero['zero_hpz_partition_size']} (ZeRO++ "
+                         "hierarchical partitioning) is not supported for SAP: its secondary weight copy is not "
+                         "refreshed after the perturbation; remove it or set it to 1")
     if resolved == 2 and (zero.get("offload_param") or {}).get("device") == "cpu":
         warnings.warn("offload_param needs ZeRO-3; ignored at stage 2")
         zero.pop("offload_param")
