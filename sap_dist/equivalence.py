@@ -40,10 +40,12 @@ DEFAULT_OVERRIDES = [
 SETTINGS = {
     "exact": [],
     "sap-defaults": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4"],
+    "safety-every": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4", "sap.safety_every=2"],
 }
 """Named SAP settings each variant is checked under (`--settings`): the config as given (the
 tiny preset: probe over the whole batch) and SAP's defaults (the probe passes over a strided
-half of the batch, which every world size must choose alike)."""
+half of the batch, which every world size must choose alike), and those with the safety
+direction reused every other step (stored shard by shard, applied at the current ||W||)."""
 
 
 def _free_port() -> int:

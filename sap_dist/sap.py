@@ -13,6 +13,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,14 @@ class SapState:
     """The probe the next step uses if it does not recompute one (`reference`: the probe
     computed at the previous refresh, which the next weight step always uses)."""
     steps_done: int = 0
-    """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0)."""
+    """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0,
+    the safety direction on every `safety_every`-th of those)."""
     last_probe: list[torch.Tensor] = field(default_factory=list)
     """The probe the last weight step was taken with (saved as probe.pt)."""
+    safety_direction: Any = field(default=None, metadata={"per_rank": True})
+    """`safety_every` > 1: this rank's shard of the last recomputed g/|g|
+    (`Backend.save_direction`), which the steps until the next safety pass perturb along.
+    Shard-local, so checkpoints keep it per rank."""
     perturbation_warning: str | None = None
     """The first warning that the perturbation was (nearly) rounded away (summary.json)."""
 
@@ -269,11 +275,13 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     indices into the task batch; default: every row) and normalised by their global response
     token count `probe_tokens`, so u_harm - u_here differs by the perturbation only. Between
     refreshes (`cfg.probe_every` > 1) the step is a plain training pass with the last probe
-    in place."""
+    in place. With `cfg.safety_every` = k > 1 only every k-th refresh runs the safety pass;
+    the others perturb along the stored direction `state.safety_direction`."""
     metrics: dict = {}
     timer = _PassTimer(backend.device)
     probe.enabled = False
     refresh = state.steps_done % cfg.probe_every == 0
+    new_direction = (state.steps_done // cfg.probe_every) % cfg.safety_every == 0
     state.steps_done += 1
     metrics["probe_refreshed"] = int(refresh)
     if not refresh:
@@ -288,10 +296,16 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     else:
         probe_batch = select_rows(task_batch, probe_rows)
 
+    metrics["safety_refreshed"] = int(new_direction)
     with timer("safety"):
-        scale = harmful_direction(backend, safety_batch, cfg, metrics)
-        saved = backend.save_weights()
-        backend.add_scaled_grad_to_weights(scale)
+        if new_direction:
+            scale = harmful_direction(backend, safety_batch, cfg, metrics)
+            if cfg.safety_every > 1:
+                _store_direction(backend, state, metrics)
+            saved = backend.save_weights()
+            backend.add_scaled_grad_to_weights(scale)
+        else:
+            saved = _perturb_along_stored_direction(backend, state, cfg, metrics)
         metrics["perturb_norm_realized"] = float(torch.sqrt(backend.weight_sq_distance(saved)))
         backend.zero_grad()
 
@@ -338,6 +352,28 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     state.last_probe = v_used
     metrics["probe_norm"] = _norm(v_used)
     return metrics | timer.times
+
+
+def _store_direction(backend: Backend, state: SapState, metrics: dict) -> None:
+    """Keep the safety gradient just computed as this rank's shard of g/|g|, and log its
+    cosine with the previous stored direction (how far the direction turned in one interval)."""
+    direction = None if metrics["safety_degenerate"] else backend.save_direction()
+    if direction is not None and state.safety_direction is not None:
+        metrics["safety_direction_cosine"] = backend.direction_dot(direction, state.safety_direction)
+    state.safety_direction = direction
+
+
+def _perturb_along_stored_direction(backend: Backend, state: SapState, cfg: SapConfig, metrics: dict):
+    """W + rho*||W||*g_hat with the stored g_hat and the current ||W||; returns the saved
+    weights. No stored direction (a degenerate one) leaves W as it is."""
+    weight_norm = float(torch.sqrt(backend.weight_sq_norm()))
+    metrics["weight_norm"] = weight_norm
+    metrics["perturb_norm_intended"] = cfg.rho * weight_norm
+    metrics["safety_degenerate"] = int(state.safety_direction is None)
+    saved = backend.save_weights()
+    if state.safety_direction is not None:
+        backend.add_scaled_direction_to_weights(state.safety_direction, cfg.rho * weight_norm)
+    return saved
 
 
 def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_perturbed: float,

@@ -141,6 +141,16 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * (n_examples // cfg.train.batch_size)))
 
 
+def _check_intervals(cfg: Config, total_steps: int) -> None:
+    """A refresh interval longer than the run means it never repeats: a mistake, refused."""
+    if cfg.sap.method != "sap":
+        return
+    for key, value in (("sap.probe_every", cfg.sap.probe_every), ("sap.safety_every", cfg.sap.safety_every)):
+        if value > total_steps:
+            raise ConfigError(f"{key}={value} is more than the run's {total_steps} steps (train.max_steps / "
+                              f"train.epochs); lower {key} or train longer")
+
+
 def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
     if cfg.sap.method != "sap":
         return None, []
@@ -232,6 +242,8 @@ def train_model(cfg: Config) -> TrainResult:
     rank, world_size = launch.rank, launch.world_size
     if cfg.sap.method == "sap":  # refused before anything is written
         probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
+        if cfg.train.max_steps is not None:
+            _check_intervals(cfg, cfg.train.max_steps)
     candidates, explicit = resume_candidates(cfg, world_size)  # checkpoints to try, newest first
     out = _setup_output_dir(cfg, rank, resuming=bool(candidates))
     torch.manual_seed(cfg.train.seed)
@@ -240,6 +252,7 @@ def train_model(cfg: Config) -> TrainResult:
     _setup_chat_template(tokenizer)
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
     total_steps = _total_steps(cfg, len(task))
+    _check_intervals(cfg, total_steps)  # again: an epochs-based length is known only now
 
     # The backend is chosen (and the process group joined) before the model is loaded, so a
     # sharding backend gets it built sharded: no rank holds the whole model (issue 3).

@@ -31,16 +31,17 @@ def test_all_backends_and_variants_match_single(tmp_path, capsys):
 
 def test_all_backends_match_single_at_the_sap_defaults(tmp_path, capsys):
     """The same check at SAP's default probe rows (a strided half of the batch, one row per
-    rank here) and safety batch: N ranks must pick the rows one process picks."""
+    rank here) and safety batch: N ranks must pick the rows one process picks; and with
+    sap.safety_every=2 (step 2 perturbs along step 1's stored shard-local direction)."""
     code = main(["--backends", "single,ddp,zero2,zero3,fsdp2", "--variants", "paper,reference", "--steps", "3",
-                 "--settings", "sap-defaults", "--work-dir", str(tmp_path)])
+                 "--settings", "sap-defaults,safety-every", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     table = out[out.index("equivalence vs single"):]
     print(table)
     assert code == 0, table
     rows = [line.split() for line in table.splitlines()[3:]]
-    judged = [r for r in rows if len(r) > 1 and r[1].endswith("@sap-defaults") and r[0] != "single"]
-    assert len(judged) == 8 and all(r[-1] in ("ok", "(noise)") for r in judged), table
+    judged = [r for r in rows if len(r) > 1 and "@" in r[1] and r[0] in ("ddp", "zero2", "zero3", "fsdp2")]
+    assert len(judged) == 16 and all(r[-1] in ("ok", "(noise)") for r in judged), table
 
 
 def test_failed_run_fails_the_check(tmp_path, capsys):

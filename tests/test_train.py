@@ -141,6 +141,15 @@ def test_a_rounded_away_perturbation_is_reported_in_the_summary(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["perturbation_warning"] == summary["perturbation_warning"]
 
 
+@pytest.mark.parametrize("key", ["sap.safety_every", "sap.probe_every"])
+def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", f"train.output_dir={out}", "train.max_steps=3", f"{key}=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key}=4 is more than the run's 3 steps" in err[0] and "train.max_steps" in err[0], err
+    assert not out.exists()
+
+
 def test_probe_batch_of_no_rows_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--config", "tiny", f"train.output_dir={out}", "sap.probe_batch_fraction=0.1"]) == 2

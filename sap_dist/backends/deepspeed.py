@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, lr_lambda
+from sap_dist.backends.common import OptimizerSpec, add_direction, local_dot, lr_lambda, unit_direction
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 SAP_REQUIRED_ZERO = {
@@ -358,6 +358,19 @@ class DeepSpeedBackend(ProcessGroupOps):
             w.copy_(s)
         if self.stage == 2:
             self._all_gather_replicas()
+
+    # --- the stored safety direction (sap.safety_every): local pieces only ---------------
+    def save_direction(self):
+        return unit_direction(self._local_grads(), self.grad_sq_norm())
+
+    def add_scaled_direction_to_weights(self, direction, scale: float) -> None:
+        self._release_gathered()
+        add_direction(self._local_weights(), direction, scale)
+        if self.stage == 2:
+            self._all_gather_replicas()
+
+    def direction_dot(self, a, b) -> float:
+        return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:
