@@ -184,21 +184,21 @@ def _check_finite(value: float, what: str) -> None:
 
 
 def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict,
-                rows: torch.Tensor | None = None, rows_tokens: float | None = None) -> float | None:
-    """Forward + backward of the task loss (its global value, checked finite, goes into
-    `metrics`). With `rows` (local row indices) it returns the task loss over those rows alone,
-    normalised by their global token count `rows_tokens`, from the same forward."""
+                rows: torch.Tensor | None = None, rows_tokens: float | None = None) -> float:
+    """Forward + backward of the task loss; returns the global loss value (checked finite).
+    With `rows` (local row indices) the task loss over those rows alone, normalised by their
+    global token count `rows_tokens`, from the same forward, goes into
+    metrics['task_loss_probe_rows']."""
     nll_sums, _ = _forward_nll(backend, batch)
     loss = nll_sums.sum() * backend.world_size / global_tokens
     value = float(backend.all_reduce_mean_(loss.detach().clone()))
     _check_finite(value, "task loss")
-    rows_value = None
     if rows is not None:
         rows_loss = nll_sums.detach()[rows.to(nll_sums.device)].sum() * backend.world_size / rows_tokens
-        rows_value = float(backend.all_reduce_mean_(rows_loss))
+        metrics["task_loss_probe_rows"] = float(backend.all_reduce_mean_(rows_loss))
     backend.backward(loss)
     metrics["task_loss"] = value
-    return rows_value
+    return value
 
 
 def _step(backend: Backend, metrics: dict) -> None:
@@ -294,7 +294,8 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         probe_batch, probe_tokens = task_batch, global_tokens
         probe_rows = torch.arange(task_batch["input_ids"].shape[0])
     else:
-        probe_batch = select_rows(task_batch, probe_rows)
+        every_row = probe_rows.numel() == task_batch["input_ids"].shape[0]  # rows are distinct
+        probe_batch = task_batch if every_row else select_rows(task_batch, probe_rows)
 
     metrics["safety_refreshed"] = int(new_direction)
     with timer("safety"):
@@ -342,8 +343,9 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
             # the probe rows only and normalised as u_harm is
             v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
                                        u_here, probe_rows, probe_tokens)
-        # the training pass computed the unperturbed loss of the same rows (at the lagged probe)
-        metrics["perturb_loss_shift"] = loss_harm - metrics["task_loss_probe_rows"]
+        # the training pass computed the unperturbed loss of the same rows, though at the
+        # lagged probe (equal to V = 0 only on the first step): enough to see a rounded-away
+        # perturbation there, not a loss shift to log
         _check_perturbation(backend, state, metrics, loss_harm, metrics["task_loss_probe_rows"])
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
@@ -418,13 +420,12 @@ def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: floa
     if want_grad:
         probe.start_row_gradient(rows, batch["input_ids"].shape[0])
     try:
-        rows_loss = _train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
+        _train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
         if want_grad:
             # d(rows' nll / global_tokens) -> d(rows' nll / rows_tokens)
             rescale = global_tokens / rows_tokens
             probe_grad_out.extend(backend.all_reduce_mean_((g.float() * rescale).to(backend.device))
                                   for g in probe.stop_row_gradient())
-            metrics["task_loss_probe_rows"] = rows_loss
         used = [v.detach().clone() for v in probe.vectors]
         _step(backend, metrics)
     finally:
