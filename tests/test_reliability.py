@@ -422,30 +422,33 @@ def test_resume_in_the_middle_of_a_probe_every_cycle(tmp_path):
     _resume_mid_cycle(tmp_path, "sap.probe_every=3", "probe_refreshed")
 
 
-def _resume_mid_cycle(tmp_path, interval: str, refreshed: str) -> None:
+def _resume_mid_cycle(tmp_path, interval: str, refreshed: str, backend: str = "single") -> None:
     """Run 6 steps with `interval` (k=3: refreshes at steps 1 and 4), resume a copy from the
-    step-2 checkpoint and require the end to be bitwise the uninterrupted run's."""
+    step-2 checkpoint and require the end to be the uninterrupted run's (bitwise on one process)."""
     cheap = ["sap.variant=paper", interval, "sap.probe_batch_fraction=0.5"]
     ref = str(tmp_path / "ref")
-    run = Run("single", ref, *cheap)
+    run = Run(backend, ref, *cheap)
     assert run.wait() == 0, run.tail()
     assert [m[refreshed] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
     out = _copy_run(ref, tmp_path / "run")
     for step in (4, 6):
         shutil.rmtree(_ckpt(out, step))
-    run = Run("single", out, *cheap, "checkpoint.resume_from=auto")
+    run = Run(backend, out, *cheap, "checkpoint.resume_from=auto")
     assert run.wait() == 0, run.tail()
     assert _resumed_at(run) == 2
-    assert_same_as_reference(out, ref, "single")
+    assert_same_as_reference(out, ref, backend)
 
 
-def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path):
+@pytest.mark.parametrize("backend", ["single", "fsdp2"])
+def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
     """With `sap.safety_every=3` the safety pass runs at steps 1 and 4 and steps 2-3 and 5-6
     perturb along the stored direction; a run resumed from the step-2 checkpoint must perturb
-    step 3 along step 1's direction (restored per rank from sap/rank-*.pt), and ends bitwise
-    equal to the uninterrupted run."""
-    _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed")
-    assert os.path.exists(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "sap", "rank-00000.pt"))
+    step 3 along step 1's direction (restored per rank from sap/rank-*.pt: on fsdp2 each rank
+    holds its own shard of it), and ends equal to the uninterrupted run."""
+    _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed", backend)
+    ranks = 1 if backend == "single" else 2
+    saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "sap")))
+    assert saved == [f"rank-{r:05d}.pt" for r in range(ranks)]
 
 
 def test_checkpoint_from_another_config_lists_the_mismatching_keys(reference, tmp_path, capsys):
