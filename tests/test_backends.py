@@ -148,6 +148,15 @@ def worker(name: str, out: str, weights: str = "lora") -> None:
             clean_loss = loss_of(backend, task)
         backend.add_scaled_grad_to_weights(RHO * (wsq.sqrt() / gsq.sqrt()).item())
         moved = backend.weight_sq_distance(saved).sqrt().item()
+        if step == 0:  # sap.safety_every: the stored g/|g| perturbs as the gradient does
+            direction = backend.save_direction()
+            facts["direction_is_unit"] = abs(backend.direction_dot(direction, direction) - 1) < 1e-5
+            via_grad = backend.save_weights()
+            backend.restore_weights(saved)
+            backend.add_scaled_direction_to_weights(direction, RHO * wsq.sqrt().item())
+            facts["direction_perturbs_like_the_gradient"] = all(
+                torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(via_grad, backend.save_weights()))
+            backend.restore_weights(via_grad)
         facts.setdefault("perturbation_size", []).append(abs(moved / (RHO * wsq.sqrt().item()) - 1) < 1e-4)
         backend.zero_grad()
         # 2. probe gradient at the perturbed weights, then exact restore
