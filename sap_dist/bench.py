@@ -48,7 +48,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 def methods_for(cfg: Config) -> dict[str, SapConfig]:
     """The configurations compared: plain, SAP as configured (the default), and both exact
     variants (every step, whole batch)."""
-    exact = dict(probe_every=1, probe_batch_fraction=1.0)
+    exact = dict(probe_every=1, probe_batch_fraction=1.0, safety_every=1)
     sap = replace(cfg.sap, method="sap")
     return {
         "sft": replace(cfg.sap, method="sft"),
@@ -105,10 +105,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         if m.method == "sft":
             metrics = sft_step(backend, probe, batch, tokens)
         else:
-            probe_rows = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
-            pb = batch if len(probe_rows) == len(rows) else _collate_task(task_batches.local(probe_rows), pad, dev)
+            probe_rows, probe_local = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
             sb = _collate_safety(safety_batches.local(safety_batches.global_batch(index)), pad, dev)
-            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], pb, float(_response_tokens(probe_rows)))
+            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], probe_local, float(_response_tokens(probe_rows)))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0, metrics, sum(len(r["input_ids"]) for r in rows)
@@ -146,7 +145,7 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         passes = {k: statistics.median(p.get(k, 0.0) for p in s["passes"]) for k in sorted({k for p in s["passes"] for k in p})}
         step_time = statistics.median(s["time"])
         result["methods"][name] = {
-            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction")},
+            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every")},
             "step_time_s": step_time, "tokens_per_s": statistics.median(s["tokens"]),
             "peak_memory_mb": statistics.median(s["mem"]), "time_ratio": step_time / base_time,
             "peak_memory_ratio": statistics.median(s["mem"]) / base_mem, "passes_s": passes,

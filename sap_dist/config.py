@@ -130,9 +130,18 @@ class SapConfig:
     on the quick experiment k=10 lost SAP's protection (docs/experiment.md), so k>1 is a
     measured trade-off, not a default."""
     probe_batch_fraction: float = 0.5
-    """Share of the global task batch (its first rows) on which the probe passes estimate
-    u_harm and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves
-    the probe passes and kept SAP's protection on the quick experiment."""
+    """Share of the global task batch (strided rows 0, B/P, 2B/P, ..., the same on every
+    world size; P must be a multiple of the ranks) on which the probe passes estimate u_harm
+    and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves the probe
+    passes and kept SAP's protection on the quick experiment."""
+    safety_every: int = 1
+    """Recompute the safety direction g_hat (the safety pass: a forward and backward of the
+    safety batch) on every k-th perturbing step only, and perturb the steps between along the
+    stored direction, at the current size rho*||W||; u_harm, u_here and the probe are still
+    recomputed on every batch. 1 is exact (a fresh direction from each step's safety batch).
+    k>1 saves most of the safety pass's cost, at the price of a direction up to k-1 steps
+    old (the log's `safety_direction_cosine` between consecutive recomputed directions shows
+    how fast it turns) and one fp32 copy of each rank's shard of the trained weights."""
 
 
 @dataclass
@@ -400,6 +409,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps must be at least 1, got {t.max_steps}")
     if s.probe_every < 1:
         raise ConfigError(f"sap.probe_every must be at least 1, got {s.probe_every}")
+    if s.safety_every < 1:
+        raise ConfigError(f"sap.safety_every must be at least 1, got {s.safety_every}")
     if not 0 < s.probe_batch_fraction <= 1:
         raise ConfigError(f"sap.probe_batch_fraction must be in (0, 1], got {s.probe_batch_fraction}")
     if cfg.checkpoint.every_steps < 0:

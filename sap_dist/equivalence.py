@@ -37,6 +37,17 @@ DEFAULT_OVERRIDES = [
 """Trainer overrides every run gets after the config file and before the user's."""
 
 
+SETTINGS = {
+    "exact": [],
+    "sap-defaults": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4"],
+    "safety-every": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4", "sap.safety_every=2"],
+}
+"""Named SAP settings each variant is checked under (`--settings`): the config as given (the
+tiny preset: probe over the whole batch) and SAP's defaults (the probe passes over a strided
+half of the batch, which every world size must choose alike), and those with the safety
+direction reused every other step (stored shard by shard, applied at the current ||W||)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -53,14 +64,14 @@ def _env() -> dict:
     return env
 
 
-def command(backend: str, variant: str, out: str, args) -> list[str]:
+def command(backend: str, variant: str, out: str, args, setting: str = "exact") -> list[str]:
     """The launch command for one run."""
     train_args = ["--config", args.config or DEFAULT_CONFIG] + DEFAULT_OVERRIDES + [
         f"sap.variant={variant}",
         f"dist.backend={backend}",
         f"train.max_steps={args.steps}",
         f"train.output_dir={out}",
-    ] + list(args.overrides)
+    ] + SETTINGS[setting] + list(args.overrides)
     if backend == "single":
         return [sys.executable, "-m", "sap_dist.train", *train_args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
@@ -118,8 +129,9 @@ def max_rel_diff(got, want) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def run_one(backend: str, variant: str, out: str, args, threads: str | None = None) -> tuple[bool, str, float]:
-    cmd = command(backend, variant, out, args)
+def run_one(backend: str, variant: str, out: str, args, threads: str | None = None,
+            setting: str = "exact") -> tuple[bool, str, float]:
+    cmd = command(backend, variant, out, args, setting)
     env = _env()
     if threads:
         env["OMP_NUM_THREADS"] = threads
@@ -143,6 +155,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backends", default="single,ddp,zero2,zero3,fsdp2",
                    help="comma-separated backends; `single` (the reference) is always run")
     p.add_argument("--variants", default="paper,reference", help="comma-separated SAP variants")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated SAP settings each variant runs under: {', '.join(SETTINGS)} "
+                   "(shown in the table as variant@setting)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run")
     p.add_argument("--nproc", type=int, default=2, help="processes per distributed run (torchrun --nproc_per_node)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest max relative difference accepted")
@@ -169,12 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(b for b in BACKENDS if b != 'auto')}",
               file=sys.stderr)
         return 2
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    if [x for x in settings if x not in SETTINGS]:
+        print(f"unknown setting(s) {', '.join(x for x in settings if x not in SETTINGS)}; choose from {', '.join(SETTINGS)}",
+              file=sys.stderr)
+        return 2
     backends = ["single"] + [b for b in backends if b != "single"]
     work = args.work_dir or tempfile.mkdtemp(prefix="sap-equivalence-")
     os.makedirs(work, exist_ok=True)
 
     rows, failed = [], False
-    for variant in variants:
+    for variant, setting in [(v, x) for x in settings for v in variants]:
+        shown = variant if setting == "exact" else f"{variant}@{setting}"
         ref, floor = None, (0.0, 0.0)
         runs = [(b, None) for b in backends]
         if args.noise_floor:
@@ -187,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             runs.insert(1, ("single", threads))
         for backend, threads in runs:
             label = backend if threads is None else f"single@{threads}thr"
-            out = os.path.join(work, f"{label}-{variant}")
+            out = os.path.join(work, f"{label}-{shown}")
             shutil.rmtree(out, ignore_errors=True)
-            print(f"running {label} / {variant} ...", flush=True)
-            ok, log, seconds = run_one(backend, variant, out, args, threads)
-            row = {"backend": label, "variant": variant, "seconds": seconds, "weights": None, "probe": None}
+            print(f"running {label} / {shown} ...", flush=True)
+            ok, log, seconds = run_one(backend, variant, out, args, threads, setting)
+            row = {"backend": label, "variant": shown, "seconds": seconds, "weights": None, "probe": None}
             if not ok:
                 row["status"] = "RUN FAILED"
-                print(f"--- {label} / {variant} failed; last lines of its log ({out}.log):\n"
+                print(f"--- {label} / {shown} failed; last lines of its log ({out}.log):\n"
                       + "\n".join(log.strip().splitlines()[-25:]), file=sys.stderr)
             else:
                 try:

@@ -39,7 +39,10 @@ class Probe:
 
     `vectors[k]` is an fp32 leaf tensor of the hidden size for `layer_ids[k]`. When `enabled`
     is False the hooks return the layer output untouched (the vectors take no part in the
-    graph). When `measure_norms` is set, each hook records the mean per-token L2 norm of its
+    graph). While `row_mask` is set (`start_row_gradient`), each hook also adds
+    `row_vectors[k]` (zero leaves) to the hidden states of the masked rows only, so the gradient
+    with respect to `row_vectors` is the probe gradient of those rows' part of the loss, from
+    the same backward as the rest. When `measure_norms` is set, each hook records the mean per-token L2 norm of its
     layer's (unprobed) output over the tokens in `token_mask` (the batch's attention mask).
     """
 
@@ -51,6 +54,8 @@ class Probe:
         self.token_mask: torch.Tensor | None = None
         self.norm_sums = torch.zeros(len(layer_ids), dtype=torch.float64)
         self.token_count = 0.0
+        self.row_vectors = [torch.zeros(hidden_size, dtype=torch.float32, device=device, requires_grad=True) for _ in layer_ids]
+        self.row_mask: torch.Tensor | None = None
         self._handles = [layers[layer].register_forward_hook(self._hook(k)) for k, layer in enumerate(self.layer_ids)]
 
     def _hook(self, k: int):
@@ -65,6 +70,9 @@ class Probe:
             if not self.enabled:
                 return output
             hidden = hidden + self.vectors[k].to(hidden.dtype)
+            if self.row_mask is not None:
+                mask = self.row_mask.to(hidden.device, hidden.dtype).view(-1, *([1] * (hidden.dim() - 1)))
+                hidden = hidden + mask * self.row_vectors[k].to(hidden.dtype)
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
         return add_probe
@@ -74,6 +82,24 @@ class Probe:
         """Copy `values` into the vectors (None: zeros)."""
         for vector, value in zip(self.vectors, values or [None] * len(self.vectors)):
             vector.zero_() if value is None else vector.copy_(value)
+
+    def start_row_gradient(self, rows: torch.Tensor, batch_rows: int) -> None:
+        """Until `stop_row_gradient`, add the (zero) row vectors to rows `rows` of a batch of
+        `batch_rows` rows: the forward is unchanged, their gradient is those rows' part."""
+        with torch.no_grad():
+            for v in self.row_vectors:
+                v.zero_()
+                v.grad = None
+        self.row_mask = torch.zeros(batch_rows, dtype=torch.bool)
+        self.row_mask[rows] = True
+
+    def stop_row_gradient(self) -> list[torch.Tensor]:
+        """The row vectors' gradients (zeros where none flowed), and stop adding them."""
+        grads = [torch.zeros_like(v) if v.grad is None else v.grad.detach().clone() for v in self.row_vectors]
+        for v in self.row_vectors:
+            v.grad = None
+        self.row_mask = None
+        return grads
 
     def start_norm_measurement(self, token_mask: torch.Tensor) -> None:
         self.norm_sums.zero_()

@@ -1,6 +1,6 @@
 """One optimizer step: plain fine-tuning (`sft_step`) or safety-aware probing (`sap_step`).
 
-Written once against `sap_dist.backends.base.Backend`; see shared/SAP.md for the algorithm.
+Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm.
 Losses are scaled so that the data-parallel *mean* gradient over ranks equals the gradient
 of the global batch computed in one process: each rank divides its local sum by the global
 count and multiplies by the world size.
@@ -8,10 +8,12 @@ count and multiplies by the world size.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,12 @@ import torch.nn.functional as F
 from sap_dist.backends.base import Backend
 from sap_dist.config import SapConfig
 from sap_dist.probe import Probe
+
+
+logger = logging.getLogger(__name__)
+
+PERTURBATION_TOO_SMALL = 0.1
+"""A realised perturbation below this fraction of rho*||W|| is reported as rounded away."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,9 +43,16 @@ class SapState:
     """The probe the next step uses if it does not recompute one (`reference`: the probe
     computed at the previous refresh, which the next weight step always uses)."""
     steps_done: int = 0
-    """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0)."""
+    """SAP steps taken so far (the probe is recomputed when steps_done % probe_every == 0,
+    the safety direction on every `safety_every`-th of those)."""
     last_probe: list[torch.Tensor] = field(default_factory=list)
     """The probe the last weight step was taken with (saved as probe.pt)."""
+    safety_direction: Any = field(default=None, metadata={"per_rank": True})
+    """`safety_every` > 1: this rank's shard of the last recomputed g/|g|
+    (`Backend.save_direction`), which the steps until the next safety pass perturb along.
+    Shard-local, so checkpoints keep it per rank."""
+    perturbation_warning: str | None = None
+    """The first warning that the perturbation was (nearly) rounded away (summary.json)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,11 +183,19 @@ def _check_finite(value: float, what: str) -> None:
         raise NonFiniteLossError(f"{what} is {value}")
 
 
-def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict) -> float:
-    """Forward + backward of the task loss; returns the global loss value (checked finite)."""
-    loss = task_loss(backend, batch, global_tokens)
+def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict,
+                rows: torch.Tensor | None = None, rows_tokens: float | None = None) -> float:
+    """Forward + backward of the task loss; returns the global loss value (checked finite).
+    With `rows` (local row indices) the task loss over those rows alone, normalised by their
+    global token count `rows_tokens`, from the same forward, goes into
+    metrics['task_loss_probe_rows']."""
+    nll_sums, _ = _forward_nll(backend, batch)
+    loss = nll_sums.sum() * backend.world_size / global_tokens
     value = float(backend.all_reduce_mean_(loss.detach().clone()))
     _check_finite(value, "task loss")
+    if rows is not None:
+        rows_loss = nll_sums.detach()[rows.to(nll_sums.device)].sum() * backend.world_size / rows_tokens
+        metrics["task_loss_probe_rows"] = float(backend.all_reduce_mean_(rows_loss))
     backend.backward(loss)
     metrics["task_loss"] = value
     return value
@@ -238,17 +261,27 @@ def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapC
     return out
 
 
+def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows `rows` of a collated batch (its padding stays: masked, so it changes nothing)."""
+    return {k: v[rows.to(v.device)] for k, v in batch.items()}
+
+
 def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_tokens: float,
-             cfg: SapConfig, state: SapState, probe_batch=None, probe_tokens: float | None = None) -> dict:
+             cfg: SapConfig, state: SapState, probe_rows: torch.Tensor | None = None,
+             probe_tokens: float | None = None) -> dict:
     """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe).
 
-    The probe passes run on `probe_batch` (default: the task batch) with `probe_tokens`
-    response tokens globally. Between refreshes (`cfg.probe_every` > 1) the step is a plain
-    training pass with the last probe in place."""
+    The probe's gradients u_harm and u_here are both taken over the rows `probe_rows` (local
+    indices into the task batch; default: every row) and normalised by their global response
+    token count `probe_tokens`, so u_harm - u_here differs by the perturbation only. Between
+    refreshes (`cfg.probe_every` > 1) the step is a plain training pass with the last probe
+    in place. With `cfg.safety_every` = k > 1 only every k-th refresh runs the safety pass;
+    the others perturb along the stored direction `state.safety_direction`."""
     metrics: dict = {}
     timer = _PassTimer(backend.device)
     probe.enabled = False
     refresh = state.steps_done % cfg.probe_every == 0
+    new_direction = (state.steps_done // cfg.probe_every) % cfg.safety_every == 0
     state.steps_done += 1
     metrics["probe_refreshed"] = int(refresh)
     if not refresh:
@@ -257,13 +290,23 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         state.last_probe = v_used
         metrics["probe_norm"] = _norm(v_used)
         return metrics | timer.times
-    if probe_batch is None:
+    if probe_rows is None:
         probe_batch, probe_tokens = task_batch, global_tokens
+        probe_rows = torch.arange(task_batch["input_ids"].shape[0])
+    else:
+        every_row = probe_rows.numel() == task_batch["input_ids"].shape[0]  # rows are distinct
+        probe_batch = task_batch if every_row else select_rows(task_batch, probe_rows)
 
+    metrics["safety_refreshed"] = int(new_direction)
     with timer("safety"):
-        scale = harmful_direction(backend, safety_batch, cfg, metrics)
-        saved = backend.save_weights()
-        backend.add_scaled_grad_to_weights(scale)
+        if new_direction:
+            scale = harmful_direction(backend, safety_batch, cfg, metrics)
+            if cfg.safety_every > 1:
+                _store_direction(backend, state, metrics)
+            saved = backend.save_weights()
+            backend.add_scaled_grad_to_weights(scale)
+        else:
+            saved = _perturb_along_stored_direction(backend, state, cfg, metrics)
         metrics["perturb_norm_realized"] = float(torch.sqrt(backend.weight_sq_distance(saved)))
         backend.zero_grad()
 
@@ -285,6 +328,7 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         # What the perturbation did to the task loss the forward computed: exactly 0 means
         # it was rounded away (e.g. a tiny rho against a bf16 forward), see PILOT.md.
         metrics["perturb_loss_shift"] = loss_harm - loss_here
+        _check_perturbation(backend, state, metrics, loss_harm, loss_here)
         v_safe = _scale_probe([a - b for a, b in zip(u_harm, u_here)], hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):
@@ -295,8 +339,14 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         with timer("train"):
             _set_rng_state(backend.device, dropout_rng)
             u_here: list[torch.Tensor] = []
-            # u_here comes from the same backward as the weight gradient (one-step lag)
-            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, u_here)
+            # u_here comes from the same backward as the weight gradient (one-step lag), over
+            # the probe rows only and normalised as u_harm is
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
+                                       u_here, probe_rows, probe_tokens)
+        # the training pass computed the unperturbed loss of the same rows, though at the
+        # lagged probe (equal to V = 0 only on the first step): enough to see a rounded-away
+        # perturbation there, not a loss shift to log
+        _check_perturbation(backend, state, metrics, loss_harm, metrics["task_loss_probe_rows"])
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
         metrics["probe_next_norm"] = _norm(state.next_probe)
@@ -306,28 +356,81 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     return metrics | timer.times
 
 
+def _store_direction(backend: Backend, state: SapState, metrics: dict) -> None:
+    """Keep the safety gradient just computed as this rank's shard of g/|g|, and log its
+    cosine with the previous stored direction (how far the direction turned in one interval)."""
+    direction = None if metrics["safety_degenerate"] else backend.save_direction()
+    if direction is not None and state.safety_direction is not None:
+        metrics["safety_direction_cosine"] = backend.direction_dot(direction, state.safety_direction)
+    state.safety_direction = direction
+
+
+def _perturb_along_stored_direction(backend: Backend, state: SapState, cfg: SapConfig, metrics: dict):
+    """W + rho*||W||*g_hat with the stored g_hat and the current ||W||; returns the saved
+    weights. No stored direction (a degenerate one) leaves W as it is."""
+    weight_norm = float(torch.sqrt(backend.weight_sq_norm()))
+    metrics["weight_norm"] = weight_norm
+    metrics["perturb_norm_intended"] = cfg.rho * weight_norm
+    metrics["safety_degenerate"] = int(state.safety_direction is None)
+    saved = backend.save_weights()
+    if state.safety_direction is not None:
+        backend.add_scaled_direction_to_weights(state.safety_direction, cfg.rho * weight_norm)
+    return saved
+
+
+def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_perturbed: float,
+                        loss_unperturbed: float) -> None:
+    """Warn once (log and `state.perturbation_warning`) when the perturbation was rounded
+    (nearly) away: its realised size far below rho*||W||, or the perturbed loss equal to the
+    unperturbed one (e.g. a tiny rho against bf16 weights). A degenerate direction is
+    reported by `safety_degenerate` instead."""
+    if metrics.get("safety_degenerate") or state.perturbation_warning is not None:
+        return
+    intended, realized = metrics["perturb_norm_intended"], metrics["perturb_norm_realized"]
+    problem = None
+    if realized < PERTURBATION_TOO_SMALL * intended:
+        problem = f"realised perturbation {realized:.3g} is far below the intended rho*||W|| = {intended:.3g}"
+    elif loss_perturbed == loss_unperturbed:
+        problem = f"the perturbed task loss equals the unperturbed one ({loss_perturbed:.6g})"
+    if problem:
+        state.perturbation_warning = (f"SAP step {state.steps_done}: {problem}: the perturbation was rounded away "
+                                      "(raise sap.rho or train the weights in higher precision)")
+        if backend.rank == 0:
+            logger.warning(state.perturbation_warning)
+
+
 def _norm(vectors: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(v.double().pow(2).sum() for v in vectors)))
 
 
 def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: float, values, metrics: dict,
-                      probe_grad_out: list | None) -> list[torch.Tensor]:
+                      probe_grad_out: list | None, rows: torch.Tensor | None = None,
+                      rows_tokens: float | None = None) -> list[torch.Tensor]:
     """Training pass and weight step with the probe set to `values` (None: zeros). If
-    `probe_grad_out` is a list, the probe's gradient from the same backward (DP mean) is
-    appended to it. Returns the probe values used."""
+    `probe_grad_out` is a list, the probe gradient of the task loss over the rows `rows` alone
+    (normalised by their global token count `rows_tokens`; DP mean), taken from the same
+    backward through `Probe.start_row_gradient`, is appended to it, and that loss's value
+    goes into metrics['task_loss_probe_rows']. Returns the probe values used."""
     probe.set(values)
     probe.enabled = True
     want_grad = probe_grad_out is not None
     for v in probe.vectors:
         v.grad = None
-        v.requires_grad_(want_grad)  # no probe gradient unless asked: less work in backward
+        v.requires_grad_(False)  # the probe's own gradient is never needed here: less work
+    if want_grad:
+        probe.start_row_gradient(rows, batch["input_ids"].shape[0])
     try:
-        _train_pass(backend, batch, global_tokens, metrics)
+        _train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
         if want_grad:
-            probe_grad_out.extend(backend.all_reduce_mean_(v.grad.detach().float().clone()) for v in probe.vectors)
+            # d(rows' nll / global_tokens) -> d(rows' nll / rows_tokens)
+            rescale = global_tokens / rows_tokens
+            probe_grad_out.extend(backend.all_reduce_mean_((g.float() * rescale).to(backend.device))
+                                  for g in probe.stop_row_gradient())
         used = [v.detach().clone() for v in probe.vectors]
         _step(backend, metrics)
     finally:
+        if probe.row_mask is not None:
+            probe.stop_row_gradient()
         for v in probe.vectors:
             v.grad = None
             v.requires_grad_(True)

@@ -142,6 +142,16 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * (n_examples // cfg.train.batch_size)))
 
 
+def _check_intervals(cfg: Config, total_steps: int) -> None:
+    """A refresh interval longer than the run means it never repeats: a mistake, refused."""
+    if cfg.sap.method != "sap":
+        return
+    for key, value in (("sap.probe_every", cfg.sap.probe_every), ("sap.safety_every", cfg.sap.safety_every)):
+        if value > total_steps:
+            raise ConfigError(f"{key}={value} is more than the run's {total_steps} steps (train.max_steps / "
+                              f"train.epochs); lower {key} or train longer")
+
+
 def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
     if cfg.sap.method != "sap":
         return None, []
@@ -175,12 +185,30 @@ def _collate_safety(pairs: list[dict], pad_id: int, device) -> dict:
     return _collate_task([p["safe"] for p in pairs] + [p["harmful"] for p in pairs], pad_id, device)
 
 
-def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> list[dict]:
-    """The first rows of the global batch that the probe passes use: `fraction` of it,
-    rounded to a whole number of rows per rank (at least one), so every world size picks
-    the same rows."""
-    per_rank = max(1, round(fraction * len(rows) / world_size))
-    return rows[:per_rank * world_size]
+def probe_row_count(batch_size: int, fraction: float, world_size: int) -> int:
+    """Rows of a global batch the probe passes use: `fraction` of `batch_size`, rounded. It
+    must be a positive multiple of the world size (every rank takes the same number of the
+    strided rows, so every world size picks the same ones); ConfigError otherwise."""
+    count = round(fraction * batch_size)
+    if count < world_size or count % world_size:
+        raise ConfigError(
+            f"sap.probe_batch_fraction={fraction} of train.batch_size={batch_size} gives {count} probe rows, "
+            f"which must be a positive multiple of the {world_size} ranks; choose another sap.probe_batch_fraction "
+            f"or train.batch_size"
+        )
+    return count
+
+
+def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> tuple[list[dict], torch.Tensor]:
+    """(The global batch's rows the probe passes use, their indices in this rank's slice.)
+
+    With B rows and P probe rows they are the strided rows floor(i*B/P), i < P: the same rows
+    on every world size, and exactly P/world_size of them in each rank's contiguous slice, at
+    the same local indices floor(j*B/P), j < P/world_size, on every rank."""
+    size = len(rows)
+    count = probe_row_count(size, fraction, world_size)
+    chosen = [rows[i * size // count] for i in range(count)]
+    return chosen, torch.tensor([j * size // count for j in range(count // world_size)], dtype=torch.long)
 
 
 def _response_tokens(rows: list[dict]) -> int:
@@ -215,6 +243,10 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     started = time.time()
     launch = launch_from_env()
     rank, world_size = launch.rank, launch.world_size
+    if cfg.sap.method == "sap":  # refused before anything is written
+        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
+        if cfg.train.max_steps is not None:
+            _check_intervals(cfg, cfg.train.max_steps)
     candidates, explicit = resume_candidates(cfg, world_size)  # checkpoints to try, newest first
     out = _setup_output_dir(cfg, rank, resuming=bool(candidates))
     torch.manual_seed(cfg.train.seed)
@@ -223,6 +255,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     _setup_chat_template(tokenizer)
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
     total_steps = _total_steps(cfg, len(task))
+    _check_intervals(cfg, total_steps)  # again: an epochs-based length is known only now
 
     # The backend is chosen (and the process group joined) before the model is loaded, so a
     # sharding backend gets it built sharded: no rank holds the whole model (issue 3).
@@ -265,11 +298,9 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
             batch = _collate_task(task_batches.local(rows), pad_id, backend.device)
             if cfg.sap.method == "sap":
                 safety_rows = safety_batches.local(safety_batches.global_batch(step))
-                probe_rows = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
-                probe_batch = batch if len(probe_rows) == len(rows) else _collate_task(
-                    task_batches.local(probe_rows), pad_id, backend.device)
+                probe_rows, probe_local = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
                 metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
-                                   float(global_tokens), cfg.sap, state, probe_batch, float(_response_tokens(probe_rows)))
+                                   float(global_tokens), cfg.sap, state, probe_local, float(_response_tokens(probe_rows)))
             else:
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0
@@ -331,6 +362,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
         "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
         "wall_time_s": time.time() - started,
         "peak_memory_mb": peak_memory_mb(backend.device),
+        "perturbation_warning": state.perturbation_warning,
         "resumed_from": resumed["path"] if resumed else None,
         "last_checkpoint": checkpointer.last_saved,
         "output_dir": os.path.abspath(out),

@@ -148,6 +148,15 @@ def worker(name: str, out: str, weights: str = "lora") -> None:
             clean_loss = loss_of(backend, task)
         backend.add_scaled_grad_to_weights(RHO * (wsq.sqrt() / gsq.sqrt()).item())
         moved = backend.weight_sq_distance(saved).sqrt().item()
+        if step == 0:  # sap.safety_every: the stored g/|g| perturbs as the gradient does
+            direction = backend.save_direction()
+            facts["direction_is_unit"] = abs(backend.direction_dot(direction, direction) - 1) < 1e-5
+            via_grad = backend.save_weights()
+            backend.restore_weights(saved)
+            backend.add_scaled_direction_to_weights(direction, RHO * wsq.sqrt().item())
+            facts["direction_perturbs_like_the_gradient"] = all(
+                torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(via_grad, backend.save_weights()))
+            backend.restore_weights(via_grad)
         facts.setdefault("perturbation_size", []).append(abs(moved / (RHO * wsq.sqrt().item()) - 1) < 1e-4)
         backend.zero_grad()
         # 2. probe gradient at the perturbed weights, then exact restore
@@ -442,7 +451,8 @@ def test_ds_config_enforces_what_sap_needs(tmp_path):
 
     for bad, match in (({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "nvme"),
                        ({"fp16": {"enabled": True}}, "fp16"),
-                       ({"zero_optimization": {"stage": 1}}, "stage 1")):
+                       ({"zero_optimization": {"stage": 1}}, "stage 1"),
+                       ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, "zero_hpz_partition_size=8")):
         user.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             build_ds_config(None, False, DistributedConfig(deepspeed_config=str(user)), spec, 2, torch.float32, env={})

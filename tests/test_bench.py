@@ -14,12 +14,14 @@ from sap_dist.config import load_config
 
 
 def test_methods_compared():
-    cfg = load_config("tiny", ["sap.probe_every=4", "sap.probe_batch_fraction=0.5", "sap.variant=reference"])
+    cfg = load_config("tiny", ["sap.probe_every=4", "sap.probe_batch_fraction=0.5", "sap.variant=reference",
+                               "sap.safety_every=2"])
     methods = methods_for(cfg)
     assert methods["sft"].method == "sft"
     assert (methods["sap_default"].probe_every, methods["sap_default"].variant) == (4, "reference")
     for name in ("sap_paper_exact", "sap_reference_exact"):
         assert methods[name].probe_every == 1 and methods[name].probe_batch_fraction == 1.0
+        assert methods[name].safety_every == 1
 
 
 def test_bench_reports_every_method_with_its_passes(tmp_path):

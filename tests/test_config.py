@@ -47,6 +47,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     ("train.tensorboard=maybe", "expected true or false"),
     ("train.batch_size=0", "at least 1"),
     ("sap.rho=-1", "must be positive"),
+    ("sap.safety_every=0", "sap.safety_every must be at least 1"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

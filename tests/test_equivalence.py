@@ -14,7 +14,7 @@ from sap_dist.equivalence import judge, main, max_rel_diff
 def test_all_backends_and_variants_match_single(tmp_path, capsys):
     """The CI check of issue 3: five backends x two variants, 3 steps, tolerance 1e-5."""
     code = main(["--backends", "single,ddp,zero2,zero3,fsdp2", "--variants", "paper,reference", "--steps", "3",
-                 "--work-dir", str(tmp_path)])
+                 "--settings", "exact", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     table = out[out.index("equivalence vs single"):]
     print(table)  # visible with -s / on failure
@@ -29,10 +29,25 @@ def test_all_backends_and_variants_match_single(tmp_path, capsys):
         assert os.path.exists(tmp_path / name / "probe.pt")
 
 
+def test_all_backends_match_single_at_the_sap_defaults(tmp_path, capsys):
+    """The same check at SAP's default probe rows (a strided half of the batch, one row per
+    rank here) and safety batch: N ranks must pick the rows one process picks; and with
+    sap.safety_every=2 (step 2 perturbs along step 1's stored shard-local direction)."""
+    code = main(["--backends", "single,ddp,zero2,zero3,fsdp2", "--variants", "paper,reference", "--steps", "3",
+                 "--settings", "sap-defaults,safety-every", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out[out.index("equivalence vs single"):]
+    print(table)
+    assert code == 0, table
+    rows = [line.split() for line in table.splitlines()[3:]]
+    judged = [r for r in rows if len(r) > 1 and "@" in r[1] and r[0] in ("ddp", "zero2", "zero3", "fsdp2")]
+    assert len(judged) == 16 and all(r[-1] in ("ok", "(noise)") for r in judged), table
+
+
 def test_failed_run_fails_the_check(tmp_path, capsys):
     """A run that cannot start (3 ranks cannot split the global batch of 4) is reported and
     makes the command exit non-zero."""
-    code = main(["--backends", "ddp", "--variants", "paper", "--steps", "1", "--nproc", "3",
+    code = main(["--backends", "ddp", "--variants", "paper", "--steps", "1", "--nproc", "3", "--settings", "exact",
                  "--no-noise-floor", "--work-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 1

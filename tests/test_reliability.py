@@ -419,18 +419,36 @@ def test_resume_in_the_middle_of_a_probe_every_cycle(tmp_path):
     """With `sap.probe_every=3` the probe is refreshed at steps 1 and 4; a run resumed from the
     step-2 checkpoint must reuse step 1's probe at step 3 (its SapState: step count and probe
     are restored), and ends bitwise equal to the uninterrupted run."""
-    cheap = ["sap.variant=paper", "sap.probe_every=3", "sap.probe_batch_fraction=0.5"]
+    _resume_mid_cycle(tmp_path, "sap.probe_every=3", "probe_refreshed")
+
+
+def _resume_mid_cycle(tmp_path, interval: str, refreshed: str, backend: str = "single") -> None:
+    """Run 6 steps with `interval` (k=3: refreshes at steps 1 and 4), resume a copy from the
+    step-2 checkpoint and require the end to be the uninterrupted run's (bitwise on one process)."""
+    cheap = ["sap.variant=paper", interval, "sap.probe_batch_fraction=0.5"]
     ref = str(tmp_path / "ref")
-    run = Run("single", ref, *cheap)
+    run = Run(backend, ref, *cheap)
     assert run.wait() == 0, run.tail()
-    assert [m["probe_refreshed"] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
+    assert [m[refreshed] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
     out = _copy_run(ref, tmp_path / "run")
     for step in (4, 6):
         shutil.rmtree(_ckpt(out, step))
-    run = Run("single", out, *cheap, "checkpoint.resume_from=auto")
+    run = Run(backend, out, *cheap, "checkpoint.resume_from=auto")
     assert run.wait() == 0, run.tail()
     assert _resumed_at(run) == 2
-    assert_same_as_reference(out, ref, "single")
+    assert_same_as_reference(out, ref, backend)
+
+
+@pytest.mark.parametrize("backend", ["single", "fsdp2"])
+def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
+    """With `sap.safety_every=3` the safety pass runs at steps 1 and 4 and steps 2-3 and 5-6
+    perturb along the stored direction; a run resumed from the step-2 checkpoint must perturb
+    step 3 along step 1's direction (restored per rank from sap/rank-*.pt: on fsdp2 each rank
+    holds its own shard of it), and ends equal to the uninterrupted run."""
+    _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed", backend)
+    ranks = 1 if backend == "single" else 2
+    saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "sap")))
+    assert saved == [f"rank-{r:05d}.pt" for r in range(ranks)]
 
 
 def test_checkpoint_from_another_config_lists_the_mismatching_keys(reference, tmp_path, capsys):

@@ -148,24 +148,25 @@ def tokens_of(b) -> float:
     return float((b["labels"][:, 1:] != -100).sum())
 
 
-def rows(b, n):
-    return {k: v[:n] for k, v in b.items()}
+def pick(b, idx):
+    return {k: v[idx] for k, v in b.items()}
 
 
-def run_sap(model, cfg: SapConfig, batches, probe_rows: int | None = None):
+def run_sap(model, cfg: SapConfig, batches, probe_rows: list[int] | None = None):
     backend = SingleBackend(model, OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS))
     probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
     state = new_sap_state(probe, cfg)
     probes, metrics = [], []
+    idx = torch.tensor(probe_rows) if probe_rows else None
     for tb, sb in batches:
-        pb = rows(tb, probe_rows) if probe_rows else None
-        metrics.append(sap_step(backend, probe, tb, sb, tokens_of(tb), cfg, state, pb, tokens_of(pb) if pb else None))
+        pb = pick(tb, idx) if probe_rows else None
+        metrics.append(sap_step(backend, probe, tb, sb, tokens_of(tb), cfg, state, idx, tokens_of(pb) if pb else None))
         probes.append([v.clone() for v in state.last_probe])
     run_sap.metrics = metrics
     return probes, state
 
 
-@pytest.mark.parametrize("form, probe_rows", [("difference", None), ("logsigmoid", None), ("difference", 2)])
+@pytest.mark.parametrize("form, probe_rows", [("difference", None), ("logsigmoid", None), ("difference", [0, 2])])
 def test_paper_step_matches_autograd(form, probe_rows):
     cfg = SapConfig(variant="paper", safety_loss=form, rho=0.05, probe_step="beta", beta=3.0, probe_layers=LAYERS)
     model = tiny_lora_model()
@@ -175,7 +176,7 @@ def test_paper_step_matches_autograd(form, probe_rows):
 
     biases = add_down_proj_bias(ref, LAYERS)
     dw = ref_direction_scale(ref, sb, form, cfg.rho)
-    pb = rows(tb, probe_rows) if probe_rows else tb  # the probe passes see only these rows
+    pb = pick(tb, torch.tensor(probe_rows)) if probe_rows else tb  # the probe passes see only these rows
     u_harm = ref_probe_grads(ref, biases, pb, dw)
     u_here = ref_probe_grads(ref, biases, pb)
     v_safe = [cfg.beta * (a - b) for a, b in zip(u_harm, u_here)]
@@ -218,12 +219,15 @@ def test_relative_probe_has_stated_size():
         assert math.isclose(float(v.norm()), 0.1 * h, rel_tol=1e-4)
 
 
-def test_reference_variant_lag_and_probe_adam():
+@pytest.mark.parametrize("probe_rows", [None, [0, 2]])
+def test_reference_variant_lag_and_probe_adam(probe_rows):
+    """u_harm and u_here are both the probe gradient over the probe rows alone (u_here from
+    the training backward, at the lagged probe), normalised by those rows' tokens."""
     cfg = SapConfig(variant="reference", safety_loss="difference", rho=0.05, probe_lr=0.05, probe_layers=LAYERS)
     model = tiny_lora_model()
     ref = copy.deepcopy(model)
     data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
-    probes, state = run_sap(model, cfg, data)
+    probes, state = run_sap(model, cfg, data, probe_rows)
 
     biases = add_down_proj_bias(ref, LAYERS)
     w = lora_weights(ref)
@@ -235,13 +239,14 @@ def test_reference_variant_lag_and_probe_adam():
         with torch.no_grad():
             for bias, value in zip(biases, [torch.zeros(32)] * 2):
                 bias.copy_(value)
-        u_harm = ref_probe_grads(ref, biases, tb, dw)
+        pb = pick(tb, torch.tensor(probe_rows)) if probe_rows else tb
+        u_harm = ref_probe_grads(ref, biases, pb, dw)
         with torch.no_grad():
             for bias, value in zip(biases, v):
                 bias.copy_(value)
         used.append([x.clone() for x in v])
-        grads = torch.autograd.grad(mean_nll(ref, tb), w + biases)
-        gw, u_here = grads[: len(w)], grads[len(w):]
+        gw = torch.autograd.grad(mean_nll(ref, tb), w)
+        u_here = ref_probe_grads(ref, biases, pb)  # at the lagged probe, the probe rows only
         new_w = weight_opt.step([p.detach() for p in w], gw)
         with torch.no_grad():
             for p, value in zip(w, new_w):
@@ -374,3 +379,101 @@ def test_loss_on_response_positions_only_equals_full_logits(wrap):
     assert torch.allclose(got, want, rtol=1e-6, atol=0)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_a_rounded_away_perturbation_is_warned_once(variant, caplog):
+    """rho=1e-12 moves fp32 weights by (next to) nothing: the step warns once, naming the
+    realised and intended sizes; a normal rho does not warn."""
+    tiny_rho = SapConfig(variant=variant, rho=1e-12, probe_layers=LAYERS)
+    data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
+    with caplog.at_level("WARNING", logger="sap_dist.sap"):
+        _, state = run_sap(tiny_lora_model(), tiny_rho, data, [0, 2])
+    assert state.perturbation_warning is not None and "rounded away" in state.perturbation_warning
+    assert "SAP step 1" in state.perturbation_warning
+    assert sum("rounded away" in r.getMessage() for r in caplog.records) == 1
+    assert all(m["perturb_norm_realized"] < 0.1 * m["perturb_norm_intended"] for m in run_sap.metrics)
+    _, state = run_sap(tiny_lora_model(), SapConfig(variant=variant, rho=0.05, probe_layers=LAYERS), data, [0, 2])
+    assert state.perturbation_warning is None
+
+
+def test_safety_every_perturbs_along_the_stored_direction_at_the_current_weight_norm():
+    """sap.safety_every=2: steps 0 and 2 recompute g_hat from their safety batch; steps 1 and
+    3 perturb by rho*||W_now||*g_hat of the step before (an independent computation), not by
+    their own safety batch's direction. The cosine logged at step 2 is <g_hat0, g_hat2>."""
+    cfg = SapConfig(variant="paper", safety_loss="difference", rho=0.05, probe_step="beta", beta=3.0,
+                    probe_layers=LAYERS, safety_every=2)
+    model = tiny_lora_model()
+    ref = copy.deepcopy(model)
+    data = [(batch(i), safety_batch(10 + i)) for i in range(4)]
+    probes, state = run_sap(model, cfg, data, [0, 2])
+    metrics = run_sap.metrics
+    assert [m["safety_refreshed"] for m in metrics] == [1, 0, 1, 0]
+    assert all("safety_loss" not in m for m in metrics[1::2])  # no safety pass on reuse steps
+
+    biases = add_down_proj_bias(ref, LAYERS)
+    w = lora_weights(ref)
+    opt = HandAdamW(LR, eps=EPS)
+    unit, units, v_fresh = None, [], None
+    for step, (tb, sb) in enumerate(data):
+        wnorm = torch.sqrt(sum(x.detach().pow(2).sum() for x in w))
+        if step % 2 == 0:
+            g = torch.autograd.grad(ref_safety_loss(ref, sb, "difference"), w)
+            gnorm = torch.sqrt(sum(x.pow(2).sum() for x in g))
+            unit = [x / gnorm for x in g]
+            units.append(unit)
+        pb = pick(tb, torch.tensor([0, 2]))
+        u_here = ref_probe_grads(ref, biases, pb)
+        u_harm = ref_probe_grads(ref, biases, pb, [cfg.rho * wnorm * x for x in unit])
+        v_safe = [cfg.beta * (a - b) for a, b in zip(u_harm, u_here)]
+        for got, want in zip(probes[step], v_safe):  # relative to the whole vector: Adam noise
+            assert float((got - want).norm() / want.norm()) < 1e-4, step
+        if step == 1:  # what a fresh direction would have given: really another probe
+            g = torch.autograd.grad(ref_safety_loss(ref, sb, "difference"), w)
+            gnorm = torch.sqrt(sum(x.pow(2).sum() for x in g))
+            u_fresh = ref_probe_grads(ref, biases, pb, [cfg.rho * wnorm * x / gnorm for x in g])
+            v_fresh = [cfg.beta * (a - b) for a, b in zip(u_fresh, u_here)]
+            assert max(float((a - b).norm() / b.norm()) for a, b in zip(v_fresh, v_safe)) > 1e-2
+        with torch.no_grad():
+            for bias, v in zip(biases, v_safe):
+                bias.copy_(v)
+        grads = torch.autograd.grad(mean_nll(ref, tb), w)
+        with torch.no_grad():
+            for p, value in zip(w, opt.step([p.detach() for p in w], grads)):
+                p.copy_(value)
+            for bias in biases:
+                bias.zero_()
+        assert math.isclose(metrics[step]["perturb_norm_intended"], cfg.rho * float(wnorm), rel_tol=1e-5)
+    cosine = float(sum((a * b).sum() for a, b in zip(units[0], units[1])))
+    assert "safety_direction_cosine" not in metrics[0]
+    assert math.isclose(metrics[2]["safety_direction_cosine"], cosine, rel_tol=1e-4)
+    diff = torch.sqrt(sum((a.detach() - b.detach()).pow(2).sum() for a, b in zip(trained(model), w)))
+    moved = torch.sqrt(sum((a.detach() - b.detach()).pow(2).sum() for a, b in zip(trained(tiny_lora_model()), w)))
+    assert float(diff / moved) < 1e-4, float(diff / moved)  # of how far the 4 steps moved the weights
+
+
+def test_reuse_step_applies_rho_times_current_norm_times_stored_direction():
+    """The backend-level contract: on a reuse step W_perturbed - W = rho*||W_now||*d_stored."""
+    from sap_dist.sap import SapState, _perturb_along_stored_direction
+
+    model = tiny_lora_model()
+    backend = SingleBackend(model, OptimizerSpec())
+    backend.backward(mean_nll(model, batch(1)))
+    gnorm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trained(model)))
+    state = SapState(safety_direction=backend.save_direction())
+    want_dir = [p.grad / gnorm for p in trained(model)]
+    for got, want in zip(state.safety_direction, want_dir):
+        torch.testing.assert_close(got, want)
+    backend.zero_grad()
+    with torch.no_grad():
+        for p in trained(model):
+            p.mul_(1.5)  # the weights moved since the direction was stored
+    before = [p.detach().clone() for p in trained(model)]
+    wnorm = torch.sqrt(sum(p.pow(2).sum() for p in before))
+    metrics = {}
+    saved = _perturb_along_stored_direction(backend, state, SapConfig(rho=0.05), metrics)
+    for p, b, d in zip(trained(model), before, want_dir):  # up to W + dW - W's rounding
+        assert float((p.detach() - b - 0.05 * wnorm * d).norm() / (0.05 * wnorm * d).norm()) < 1e-4
+    assert math.isclose(metrics["perturb_norm_intended"], 0.05 * float(wnorm), rel_tol=1e-6)
+    backend.restore_weights(saved)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(trained(model), before))

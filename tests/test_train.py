@@ -114,6 +114,50 @@ def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
         run(tiny(tmp_path, "data.task_limit=3"))
 
 
+@pytest.mark.parametrize("size, fraction", [(8, 0.5), (10, 0.4), (12, 0.5), (12, 1.0), (6, 2 / 3)])
+def test_probe_rows_are_the_same_on_every_world_size(size, fraction):
+    """The probe rows of a global batch do not depend on the number of ranks: each rank's
+    local indices into its slice pick out exactly the rows one process picks."""
+    from sap_dist.train import Batches, _probe_rows, probe_row_count
+
+    rows = [{"id": i} for i in range(size)]
+    one, _ = _probe_rows(rows, fraction, 1)
+    assert len(one) == round(fraction * size)
+    for world in [w for w in range(2, size + 1) if size % w == 0 and len(one) % w == 0]:
+        chosen, local = _probe_rows(rows, fraction, world)
+        assert chosen == one
+        picked = []
+        for rank in range(world):
+            mine = Batches(rows, size, 0, rank, world).local(rows)
+            picked += [mine[i] for i in local.tolist()]
+        assert picked == one, (world, picked)
+    with pytest.raises(ConfigError, match="sap.probe_batch_fraction=0.5 of train.batch_size=8 gives 4 probe rows"):
+        probe_row_count(8, 0.5, 8)
+
+
+def test_a_rounded_away_perturbation_is_reported_in_the_summary(tmp_path):
+    summary = run(tiny(tmp_path, "sap.rho=1e-12", "train.max_steps=1"))
+    assert "rounded away" in summary["perturbation_warning"]
+    assert json.loads((tmp_path / "summary.json").read_text())["perturbation_warning"] == summary["perturbation_warning"]
+
+
+@pytest.mark.parametrize("key", ["sap.safety_every", "sap.probe_every"])
+def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", f"train.output_dir={out}", "train.max_steps=3", f"{key}=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key}=4 is more than the run's 3 steps" in err[0] and "train.max_steps" in err[0], err
+    assert not out.exists()
+
+
+def test_probe_batch_of_no_rows_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--config", "tiny", f"train.output_dir={out}", "sap.probe_batch_fraction=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sap.probe_batch_fraction=0.1" in err[0] and "train.batch_size=4" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("launcher", [
     [sys.executable, "-m", "sap_dist.train"],
     [sys.executable, "-m", "sap_dist", "train"],

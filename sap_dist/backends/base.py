@@ -80,6 +80,20 @@ class Backend(Protocol):
     def restore_weights(self, saved: Any) -> None:
         """Copy `saved` back into the weights: bitwise the state before the perturbation."""
 
+    # --- the stored safety direction (sap.safety_every) -----------------------------------
+    def save_direction(self) -> Any:
+        """The local shard of the current (mean) gradient divided by its global norm, g/|g|,
+        as fp32 copies aligned with the local weights; None when |g| is zero or not
+        finite. Kept by the SAP step between safety passes (and in checkpoints, per rank)."""
+
+    def add_scaled_direction_to_weights(self, direction: Any, scale: float) -> None:
+        """W <- W + scale * direction for a `save_direction` result, shard by shard, applied
+        to the weights the next forward pass computes with (like add_scaled_grad_to_weights)."""
+
+    def direction_dot(self, a: Any, b: Any) -> float:
+        """Global dot product of two `save_direction` results (local pieces, all-reduced),
+        equal on every rank."""
+
     # --- output ---------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:
         """The underlying (peft or transformers) model, for saving and hooks."""

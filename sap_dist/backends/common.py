@@ -51,3 +51,32 @@ def build_optimizer(params, spec: OptimizerSpec):
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     return optimizer, scheduler
+
+
+# --- the stored safety direction (sap.safety_every): helpers for each backend's local pieces
+
+
+def unit_direction(grads: list[torch.Tensor | None], grad_sq_norm: torch.Tensor) -> list[torch.Tensor | None] | None:
+    """fp32 copies of the local gradient pieces divided by the global gradient norm (None
+    where a piece has no gradient); None when that norm is zero or not finite."""
+    norm = float(torch.sqrt(grad_sq_norm))
+    if not (math.isfinite(norm) and norm > 0):
+        return None
+    return [None if g is None else g.detach().float() / norm for g in grads]
+
+
+@torch.no_grad()
+def add_direction(weights: list[torch.Tensor], direction: list[torch.Tensor | None], scale: float) -> None:
+    """weights[i] += scale * direction[i], piece by piece, in each weight's dtype."""
+    for w, d in zip(weights, direction):
+        if d is not None and w.numel():
+            w.add_(d.to(device=w.device, dtype=w.dtype).view_as(w), alpha=scale)
+
+
+def local_dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """Dot product of two directions' local pieces, in fp64 on `device`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            total += (x.double() * y.double()).sum().to(device)
+    return total

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, lr_lambda
+from sap_dist.backends.common import OptimizerSpec, add_direction, local_dot, lr_lambda, unit_direction
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 SAP_REQUIRED_ZERO = {
@@ -86,6 +86,12 @@ def build_ds_config(
             section = {"pin_memory": True, **(zero.get(key) or {}), "device": "cpu"}
             section["pin_memory"] = bool(section["pin_memory"]) and torch.cuda.is_available()  # no pinning without CUDA
             zero[key] = section
+    if int(zero.get("zero_hpz_partition_size") or 1) > 1:
+        # ZeRO++ keeps a secondary copy of the weights per node that the forward gathers
+        # from; SAP edits the primary partitions, so the perturbation would never reach it
+        raise ValueError(f"zero_optimization.zero_hpz_partition_size={zero['zero_hpz_partition_size']} (ZeRO++ "
+                         "hierarchical partitioning) is not supported for SAP: its secondary weight copy is not "
+                         "refreshed after the perturbation; remove it or set it to 1")
     if resolved == 2 and (zero.get("offload_param") or {}).get("device") == "cpu":
         warnings.warn("offload_param needs ZeRO-3; ignored at stage 2")
         zero.pop("offload_param")
@@ -352,6 +358,19 @@ class DeepSpeedBackend(ProcessGroupOps):
             w.copy_(s)
         if self.stage == 2:
             self._all_gather_replicas()
+
+    # --- the stored safety direction (sap.safety_every): local pieces only ---------------
+    def save_direction(self):
+        return unit_direction(self._local_grads(), self.grad_sq_norm())
+
+    def add_scaled_direction_to_weights(self, direction, scale: float) -> None:
+        self._release_gathered()
+        add_direction(self._local_weights(), direction, scale)
+        if self.stage == 2:
+            self._all_gather_replicas()
+
+    def direction_dot(self, a, b) -> float:
+        return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

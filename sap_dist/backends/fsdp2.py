@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_direction, build_optimizer, local_dot, unit_direction
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 
@@ -163,6 +163,17 @@ class FSDP2Backend(ProcessGroupOps):
         self._reshard_all()
         for p, s in zip(self.params, saved):
             _local(p).copy_(s)
+
+    # --- the stored safety direction (sap.safety_every): local shards only ---------------
+    def save_direction(self):
+        return unit_direction([None if p.grad is None else _local(p.grad) for p in self.params], self.grad_sq_norm())
+
+    def add_scaled_direction_to_weights(self, direction, scale: float) -> None:
+        self._reshard_all()
+        add_direction([_local(p) for p in self.params], direction, scale)
+
+    def direction_dot(self, a, b) -> float:
+        return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

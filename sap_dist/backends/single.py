@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sap_dist.backends.common import OptimizerSpec, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_direction, build_optimizer, local_dot, unit_direction
 
 
 class SingleBackend:
@@ -71,6 +71,16 @@ class SingleBackend:
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
         for p, s in zip(self.params, saved):
             p.copy_(s)
+
+    # the stored safety direction (sap.safety_every)
+    def save_direction(self):
+        return unit_direction([p.grad for p in self.params], self.grad_sq_norm())
+
+    def add_scaled_direction_to_weights(self, direction, scale: float) -> None:
+        add_direction(self.params, direction, scale)
+
+    def direction_dot(self, a, b) -> float:
+        return float(local_dot(a, b, self.device))
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:
