@@ -95,8 +95,10 @@ class DataConfig:
 
 @dataclass
 class SapConfig:
-    method: Literal["sft", "sap"] = "sap"
-    """`sft`: plain fine-tuning. `sap`: safety-aware probing (shared/SAP.md)."""
+    method: Literal["sft", "sap", "lisa"] = "sap"
+    """`sft`: plain fine-tuning. `sap`: safety-aware probing (docs/SAP.md). `lisa`: the Lisa
+    baseline, alignment steps on the safe answers of `data.safety` alternated with task steps
+    under a proximal term (section `lisa`, docs/baselines.md)."""
     variant: Literal["paper", "reference"] = "paper"
     """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
     reference code's lagged probe trained by its own AdamW, three passes."""
@@ -133,6 +135,27 @@ class SapConfig:
     """Share of the global task batch (its first rows) on which the probe passes estimate
     u_harm and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves
     the probe passes and kept SAP's protection on the quick experiment."""
+
+
+@dataclass
+class LisaConfig:
+    """Lisa (Huang et al. 2024, Bi-State Optimization): `align_steps` optimizer steps on the
+    alignment data, then `task_steps` task steps, repeated; every step adds the gradient of
+    (rho/2)*||W - W_anchor||^2, W_anchor being the trained weights at the last switch of state.
+    Alignment steps are extra: `train.max_steps`/`epochs` count task steps, so the task batches
+    are the other methods' and a run costs (align_steps + task_steps)/task_steps optimizer steps
+    per task step."""
+
+    align_steps: int = 2
+    """K1: alignment steps at the start of each cycle (before its task steps)."""
+    task_steps: int = 18
+    """K2: task steps per cycle. 2 and 18 keep the paper's 1:9 split of alignment and
+    fine-tuning steps at a cycle short enough for a 40-step run to switch state four times."""
+    rho: float = 1.0
+    """Proximal coefficient: each step's gradient gets rho*(W - W_anchor) (Lisa's default 1)."""
+    batch_size: Optional[int] = None
+    """Alignment examples per alignment step, global (split over ranks): the (prompt, safe)
+    of that many `data.safety` pairs; null takes `sap.safety_batch_size`."""
 
 
 @dataclass
@@ -232,7 +255,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Task data and safety pairs."""
     sap: SapConfig = field(default_factory=SapConfig)
-    """The method: plain fine-tuning or SAP, and SAP's settings."""
+    """The method: plain fine-tuning, SAP or Lisa, and SAP's settings."""
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    """The Lisa baseline's settings (used when `sap.method` is `lisa`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, output and logging."""
     dist: DistributedConfig = field(default_factory=DistributedConfig)
@@ -408,6 +433,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}")
     if not 0 < cfg.dist.timeout_minutes:
         raise ConfigError(f"dist.timeout_minutes must be positive, got {cfg.dist.timeout_minutes}")
+    lisa = cfg.lisa
+    for key, value in [("lisa.align_steps", lisa.align_steps), ("lisa.task_steps", lisa.task_steps),
+                       ("lisa.batch_size", 1 if lisa.batch_size is None else lisa.batch_size)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not lisa.rho >= 0:
+        raise ConfigError(f"lisa.rho must be 0 or positive, got {lisa.rho}")
     if s.probe_layers is not None and not s.probe_layers:
         raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
 

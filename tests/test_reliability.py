@@ -433,6 +433,31 @@ def test_resume_in_the_middle_of_a_probe_every_cycle(tmp_path):
     assert_same_as_reference(out, ref, "single")
 
 
+def test_lisa_resumes_in_the_middle_of_a_cycle(tmp_path):
+    """Lisa with cycles of 1 alignment + 3 task steps aligns before task steps 1 and 4; a run
+    resumed from the step-2 checkpoint must take step 3 as a task step (the step counts are
+    restored) against the anchor saved at the end of step 1's alignment (this rank's
+    rank_state file), and ends bitwise equal to the uninterrupted run. rho=50 makes the
+    proximal term large enough that a wrong anchor changes the weights."""
+    lisa = ["sap.method=lisa", "lisa.align_steps=1", "lisa.task_steps=3", "lisa.rho=50"]
+    ref = str(tmp_path / "ref")
+    run = Run("single", ref, *lisa)
+    assert run.wait() == 0, run.tail()
+    assert [m["lisa_align_steps"] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
+    assert os.path.exists(os.path.join(_ckpt(ref, 2), "rank_state", "rank-00000.pt"))
+    out = _copy_run(ref, tmp_path / "run")
+    for step in (4, 6):
+        shutil.rmtree(_ckpt(out, step))
+    run = Run("single", out, *lisa, "checkpoint.resume_from=auto")
+    assert run.wait() == 0, run.tail()
+    assert _resumed_at(run) == 2
+    got, want = adapter(out), adapter(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    mine, theirs = rows(out), rows(ref)
+    assert [m["step"] for m in mine] == list(range(1, STEPS + 1))
+    assert [(m["task_loss"], m["task_proximal"]) for m in mine] == [(m["task_loss"], m["task_proximal"]) for m in theirs]
+
+
 def test_checkpoint_from_another_config_lists_the_mismatching_keys(reference, tmp_path, capsys):
     ref = reference("single")
     base = COMMON + ["dist.backend=single", f"train.max_steps={steps_for('single')}"]

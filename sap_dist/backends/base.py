@@ -80,6 +80,11 @@ class Backend(Protocol):
     def restore_weights(self, saved: Any) -> None:
         """Copy `saved` back into the weights: bitwise the state before the perturbation."""
 
+    def add_proximal_grad(self, saved: Any, rho: float) -> None:
+        """grad <- grad + rho * (W - saved), shard by shard with no gather, on the gradient
+        the next `optimizer_step` clips and applies (`saved` from `save_weights`): the
+        gradient of a proximal term (rho/2)*||W - saved||^2 added to the loss (Lisa)."""
+
     # --- output ---------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:
         """The underlying (peft or transformers) model, for saving and hooks."""

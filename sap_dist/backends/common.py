@@ -51,3 +51,15 @@ def build_optimizer(params, spec: OptimizerSpec):
     optimizer = torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
     return optimizer, scheduler
+
+
+@torch.no_grad()
+def add_proximal(params, saved: list[torch.Tensor], rho: float, local=lambda t: t) -> None:
+    """p.grad += rho * (p - s) for every parameter, on its `local` shard, computed in fp32; a
+    parameter without a gradient gets the proximal term alone (zeros_like keeps a sharded
+    parameter's layout)."""
+    for p, s in zip(params, saved):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        w, g = local(p).detach(), local(p.grad)
+        g.add_((w.float() - s.to(device=w.device).float()).mul_(rho).to(g.dtype))

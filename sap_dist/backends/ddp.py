@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sap_dist.backends.common import OptimizerSpec, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_proximal, build_optimizer
 
 
 class ProcessGroupOps:
@@ -237,6 +237,11 @@ class DDPBackend(ProcessGroupOps):
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
         for p, s in zip(self.params, saved):
             p.copy_(s)
+
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        # the gradient is already the all-reduced mean and the replicas are equal, so the
+        # local term is the same on every rank
+        add_proximal(self.params, saved, rho)
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_proximal, build_optimizer
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 
@@ -163,6 +163,10 @@ class FSDP2Backend(ProcessGroupOps):
         self._reshard_all()
         for p, s in zip(self.params, saved):
             _local(p).copy_(s)
+
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        # p and p.grad are DTensors sharded alike: each rank edits its own shard
+        add_proximal(self.params, saved, rho, local=_local)
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sap_dist.backends.common import OptimizerSpec, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_proximal, build_optimizer
 
 
 class SingleBackend:
@@ -71,6 +71,10 @@ class SingleBackend:
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
         for p, s in zip(self.params, saved):
             p.copy_(s)
+
+    @torch.no_grad()
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        add_proximal(self.params, saved, rho)
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:
