@@ -149,8 +149,9 @@ class LisaConfig:
     align_steps: int = 2
     """K1: alignment steps at the start of each cycle (before its task steps)."""
     task_steps: int = 18
-    """K2: task steps per cycle. 2 and 18 keep the paper's 1:9 split of alignment and
-    fine-tuning steps at a cycle short enough for a 40-step run to switch state four times."""
+    """K2: task steps per cycle. 2 and 18: a 1:9 split, alignment the small share as in the
+    paper's asymmetric setting (10% extra optimizer steps), at a cycle short enough for a
+    40-step run to go through three cycles."""
     rho: float = 1.0
     """Proximal coefficient: each step's gradient gets rho*(W - W_anchor) (Lisa's default 1)."""
     batch_size: Optional[int] = None
