@@ -35,7 +35,8 @@ class ModelConfig:
     `tiny-random-llama` (a seeded random 4-layer model with SmolLM2's tokenizer, for tests)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """Dtype of the frozen base weights and of the forward pass. LoRA adapters are always
-    kept in fp32 so that SAP's small perturbation is representable."""
+    kept in fp32 so that SAP's small perturbation is representable; full fine-tuning in bf16
+    keeps fp32 master weights on every backend (the forward still computes in bf16)."""
     attn_implementation: Optional[str] = None
     """Passed to `from_pretrained` (e.g. `sdpa`, `eager`, `flash_attention_2` on GPU);
     None lets transformers choose."""

@@ -49,6 +49,23 @@ def test_lisa_on_every_backend_matches_single(tmp_path, capsys):
         assert '"lisa_align_steps": 1' in fh.readline()
 
 
+def test_bf16_full_finetuning_matches_single_on_every_backend(tmp_path, capsys):
+    """Full fine-tuning in bf16 keeps fp32 master weights everywhere (autocast on single/ddp,
+    FSDP2's mixed-precision policy, DeepSpeed's bf16 mode): SAP runs on each and trains what
+    one process trains, within bf16's noise (one process at another thread count is the
+    floor: ~3e-3 here) and a 1e-2 tolerance."""
+    code = main(["--backends", "single,ddp,fsdp2,zero2", "--variants", "paper", "--steps", "3", "--tolerance", "1e-2",
+                 "--work-dir", str(tmp_path), "model.dtype=bf16", "weights.method=full"])
+    out = capsys.readouterr().out
+    table = out[out.index("equivalence vs single"):]
+    print(table)
+    assert code == 0, table
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fsdp2-paper" / "model.safetensors"), "pt") as fh:
+        assert fh.get_tensor(next(iter(fh.keys()))).dtype == torch.float32  # the fp32 masters were saved
+
+
 def test_failed_run_fails_the_check(tmp_path, capsys):
     """A run that cannot start (3 ranks cannot split the global batch of 4) is reported and
     makes the command exit non-zero."""

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sap_dist.backends.common import OptimizerSpec, add_proximal, build_optimizer
+from sap_dist.backends.common import OptimizerSpec, add_proximal, build_optimizer, with_compute_dtype
 
 
 class ProcessGroupOps:
@@ -190,7 +190,7 @@ class DDPBackend(ProcessGroupOps):
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})  # torch before the rename
         self.model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+            with_compute_dtype(model), device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer, self.scheduler = build_optimizer(self.params, optim)
