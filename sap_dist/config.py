@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses with a docstring per field, read from YAML with
 command-line overrides on top, validated, and written back out fully resolved.
 
-A config file has one mapping per section (`model`, `weights`, `data`, `sap`, `train`); an
+A config file has one mapping per section (`model`, `weights`, `data`, `sap`, `lisa`, `train`, ...); an
 override is `--section.key value` or `section.key=value` on the command line. An unknown key is
 an error that names it and suggests the closest valid one.
 """
