@@ -4,6 +4,8 @@ Every method trains the same model (one backend, one optimizer) on the same glob
 methods take turns block by block in a rotating order, after a warm-up block, and each
 figure is the median over repeats. A block is `cycle` steps, the longest `probe_every` of
 the methods, so a method that refreshes its probe every k steps is charged for the refresh.
+Lisa's alignment steps run once per `lisa.task_steps` task steps: each of its task steps is
+charged 1/task_steps of the last measured alignment phase (amortized, as a whole run pays it).
 Peak memory is measured per block: the process's peak resident set on CPU (reset through
 /proc/self/clear_refs), peak allocated memory on CUDA.
 """
@@ -18,7 +20,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -46,8 +48,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def methods_for(cfg: Config) -> dict[str, SapConfig]:
-    """The configurations compared: plain, SAP as configured (the default), and both exact
-    variants (every step, whole batch)."""
+    """The configurations compared: plain, SAP as configured (the default), both exact
+    variants (every step, whole batch), and the Lisa baseline (settings from `cfg.lisa`)."""
     exact = dict(probe_every=1, probe_batch_fraction=1.0, safety_every=1)
     sap = replace(cfg.sap, method="sap")
     return {
@@ -55,6 +57,7 @@ def methods_for(cfg: Config) -> dict[str, SapConfig]:
         "sap_default": sap,
         "sap_paper_exact": replace(sap, variant="paper", **exact),
         "sap_reference_exact": replace(sap, variant="reference", **exact),
+        "lisa": replace(cfg.sap, method="lisa"),
     }
 
 
@@ -77,8 +80,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
     from sap_dist.backends import OptimizerSpec, prepare_loading
     from sap_dist.models import load_model, load_tokenizer
-    from sap_dist.sap import new_sap_state, sap_step, sft_step
-    from sap_dist.train import Batches, _collate_safety, _collate_task, _probe_rows, _response_tokens, _setup_data, _setup_probe
+    from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
+    from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
+                                _safety_batch_size, _setup_data, _setup_probe)
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -93,6 +97,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     cycle = max(m.probe_every for m in methods.values())
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     safety_batches = Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
+    lisa_cfg = replace(cfg, sap=replace(cfg.sap, method="lisa"))
+    align_batches = Batches(safety, _safety_batch_size(lisa_cfg)[1], cfg.train.seed + 1, backend.rank, backend.world_size)
+    last_align_time = [0.0]  # Lisa's last measured alignment phase (its first step always has one)
     pad = tokenizer.pad_token_id
     dev = backend.device
 
@@ -104,13 +111,22 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         t0 = time.perf_counter()
         if m.method == "sft":
             metrics = sft_step(backend, probe, batch, tokens)
+        elif m.method == "lisa":
+            metrics = lisa_step(backend, batch, tokens, lambda i: _alignment_batch(align_batches, i, pad, dev), cfg.lisa,
+                                states[name])
         else:
             probe_rows, probe_local = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
             sb = _collate_safety(safety_batches.local(safety_batches.global_batch(index)), pad, dev)
             metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], probe_local, float(_response_tokens(probe_rows)))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0, metrics, sum(len(r["input_ids"]) for r in rows)
+        dt = time.perf_counter() - t0
+        if m.method == "lisa":  # charge the alignment phase amortized over its cycle's task steps
+            if "time_align" in metrics:
+                last_align_time[0] = metrics["time_align"]
+            dt += last_align_time[0] / cfg.lisa.task_steps - metrics.get("time_align", 0.0)
+            metrics["time_align"] = last_align_time[0] / cfg.lisa.task_steps
+        return dt, metrics, sum(len(r["input_ids"]) for r in rows)
 
     samples: dict[str, dict[str, list]] = {n: {"time": [], "mem": [], "tokens": [], "passes": []} for n in methods}
     names = list(methods)
@@ -145,7 +161,8 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         passes = {k: statistics.median(p.get(k, 0.0) for p in s["passes"]) for k in sorted({k for p in s["passes"] for k in p})}
         step_time = statistics.median(s["time"])
         result["methods"][name] = {
-            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every")},
+            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every")}
+                        | ({"lisa": asdict(cfg.lisa)} if methods[name].method == "lisa" else {}),
             "step_time_s": step_time, "tokens_per_s": statistics.median(s["tokens"]),
             "peak_memory_mb": statistics.median(s["mem"]), "time_ratio": step_time / base_time,
             "peak_memory_ratio": statistics.median(s["mem"]) / base_mem, "passes_s": passes,
@@ -153,6 +170,7 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         }
     result["sap_over_sft_time"] = result["methods"]["sap_default"]["time_ratio"]
     result["sap_over_sft_peak_memory"] = result["methods"]["sap_default"]["peak_memory_ratio"]
+    result["lisa_over_sft_time"] = result["methods"]["lisa"]["time_ratio"]
     return result
 
 

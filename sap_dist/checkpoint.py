@@ -12,8 +12,9 @@ resumed ends with the weights an uninterrupted run ends with (see docs/reliabili
         metrics.jsonl                 metrics rows of steps 1..40 (restored on resume, so the
                                       log never holds a row twice)
         rng/rank-00000.pt             each rank's RNG states (torch CPU/CUDA, python, numpy)
-        sap/rank-00000.pt             each rank's shard-local SAP state (the stored safety
-                                      direction of sap.safety_every)
+        rank_state/rank-00000.pt      each rank's shard of the method state's per-rank fields
+                                      (Lisa's anchor weights, SAP's stored safety direction of
+                                      sap.safety_every)
         backend/                      trained weights + optimizer + LR schedule in the
                                       backend's native format (sharded under ZeRO and FSDP2)
       .tmp-step-00000050/             being written, or left by a crash: never loaded,
@@ -74,7 +75,7 @@ TRAINER = "trainer.pt"
 METRICS = "metrics.jsonl"
 BACKEND = "backend"
 RNG_DIR = "rng"
-SAP_DIR = "sap"
+RANK_STATE_DIR = "rank_state"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
@@ -299,18 +300,17 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
-def _per_rank(f: dataclasses.Field) -> bool:
-    """A SapState field that differs per rank (a shard), saved per rank, not by rank 0."""
-    return bool(f.metadata.get("per_rank"))
+def _fields(state, per_rank: bool) -> list[dataclasses.Field]:
+    """The state's fields held by every rank alike (saved once, by rank 0), or those marked
+    `metadata={"per_rank": True}` (each rank's own shards, saved by every rank)."""
+    return [f for f in dataclasses.fields(state) if f.metadata.get("per_rank", False) == per_rank]
 
 
 def sap_state_dict(state, per_rank: bool = False) -> dict:
-    """Every field of a `sap.SapState` in saveable form (an optimizer by its state_dict):
-    the fields common to all ranks, or with `per_rank` this rank's shard-local ones."""
+    """Every field of a method state (`sap.SapState`, `sap.LisaState`) in saveable form (an
+    optimizer by its state_dict): the shared fields, or with `per_rank` this rank's own."""
     out = {}
-    for f in dataclasses.fields(state):
-        if _per_rank(f) != per_rank:
-            continue
+    for f in _fields(state, per_rank):
         value = getattr(state, f.name)
         if isinstance(value, torch.optim.Optimizer):
             out[f.name] = {"optimizer_state": value.state_dict()}
@@ -324,8 +324,8 @@ def sap_state_dict(state, per_rank: bool = False) -> dict:
 
 
 def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = False) -> None:
-    """Restore `sap_state_dict`'s output into a freshly built SapState of the same config."""
-    names = [f.name for f in dataclasses.fields(state) if _per_rank(f) == per_rank]
+    """Restore `sap_state_dict`'s output into a freshly built state of the same config."""
+    names = [f.name for f in _fields(state, per_rank)]
     missing = [n for n in names if n not in saved]
     if missing:
         raise CheckpointError(f"the checkpoint's SAP state lacks {missing} (written by another version of sap-dist)")
@@ -480,9 +480,10 @@ class Checkpointer:
                 self.backend.load_checkpoint(os.path.join(path, BACKEND))
                 trainer = torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=True)
                 load_sap_state(sap_state, trainer["sap_state"], self.backend.device)
-                load_sap_state(sap_state, torch.load(os.path.join(path, SAP_DIR, f"rank-{self.rank:05d}.pt"),
-                                                     map_location="cpu", weights_only=True),
-                               self.backend.device, per_rank=True)
+                if _fields(sap_state, per_rank=True):
+                    mine = torch.load(os.path.join(path, RANK_STATE_DIR, f"rank-{self.rank:05d}.pt"),
+                                      map_location="cpu", weights_only=True)
+                    load_sap_state(sap_state, mine, self.backend.device, per_rank=True)
                 set_rng_state(torch.load(os.path.join(path, RNG_DIR, f"rank-{self.rank:05d}.pt"), weights_only=True))
             except (CheckpointError, KeyboardInterrupt, SystemExit):
                 raise
@@ -551,7 +552,7 @@ class Checkpointer:
                 os.makedirs(self.directory, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(os.path.join(tmp, RNG_DIR))
-                os.makedirs(os.path.join(tmp, SAP_DIR))
+                os.makedirs(os.path.join(tmp, RANK_STATE_DIR))
             except OSError as exc:
                 error = f"rank 0: {exc}"
         self._agree(error, tmp, "creating the directory")
@@ -560,7 +561,10 @@ class Checkpointer:
         try:
             self.backend.save_checkpoint(os.path.join(tmp, BACKEND))
             save_synced(rng_state(), os.path.join(tmp, RNG_DIR, f"rank-{self.rank:05d}.pt"))
-            save_synced(sap_state_dict(sap_state, per_rank=True), os.path.join(tmp, SAP_DIR, f"rank-{self.rank:05d}.pt"))
+            if _fields(sap_state, per_rank=True):
+                os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
+                save_synced(sap_state_dict(sap_state, per_rank=True),
+                            os.path.join(tmp, RANK_STATE_DIR, f"rank-{self.rank:05d}.pt"))
             if self.rank == 0:
                 save_synced({"step": step, "tokens_seen": tokens_seen, "step_times": list(step_times),
                              "sap_state": sap_state_dict(sap_state)}, os.path.join(tmp, TRAINER))

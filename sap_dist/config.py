@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses with a docstring per field, read from YAML with
 command-line overrides on top, validated, and written back out fully resolved.
 
-A config file has one mapping per section (`model`, `weights`, `data`, `sap`, `train`); an
+A config file has one mapping per section (`model`, `weights`, `data`, `sap`, `lisa`, `train`, ...); an
 override is `--section.key value` or `section.key=value` on the command line. An unknown key is
 an error that names it and suggests the closest valid one.
 """
@@ -35,7 +35,8 @@ class ModelConfig:
     `tiny-random-llama` (a seeded random 4-layer model with SmolLM2's tokenizer, for tests)."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """Dtype of the frozen base weights and of the forward pass. LoRA adapters are always
-    kept in fp32 so that SAP's small perturbation is representable."""
+    kept in fp32 so that SAP's small perturbation is representable; full fine-tuning in bf16
+    keeps fp32 master weights on every backend (the forward still computes in bf16)."""
     attn_implementation: Optional[str] = None
     """Passed to `from_pretrained` (e.g. `sdpa`, `eager`, `flash_attention_2` on GPU);
     None lets transformers choose."""
@@ -95,8 +96,10 @@ class DataConfig:
 
 @dataclass
 class SapConfig:
-    method: Literal["sft", "sap"] = "sap"
-    """`sft`: plain fine-tuning. `sap`: safety-aware probing (shared/SAP.md)."""
+    method: Literal["sft", "sap", "lisa"] = "sap"
+    """`sft`: plain fine-tuning. `sap`: safety-aware probing (docs/SAP.md). `lisa`: the Lisa
+    baseline, alignment steps on the safe answers of `data.safety` alternated with task steps
+    under a proximal term (section `lisa`, docs/baselines.md)."""
     variant: Literal["paper", "reference"] = "paper"
     """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
     reference code's lagged probe trained by its own AdamW, three passes."""
@@ -142,6 +145,28 @@ class SapConfig:
     k>1 saves most of the safety pass's cost, at the price of a direction up to k-1 steps
     old (the log's `safety_direction_cosine` between consecutive recomputed directions shows
     how fast it turns) and one fp32 copy of each rank's shard of the trained weights."""
+
+
+@dataclass
+class LisaConfig:
+    """Lisa (Huang et al. 2024, Bi-State Optimization): `align_steps` optimizer steps on the
+    alignment data, then `task_steps` task steps, repeated; every step adds the gradient of
+    (rho/2)*||W - W_anchor||^2, W_anchor being the trained weights at the last switch of state.
+    Alignment steps are extra: `train.max_steps`/`epochs` count task steps, so the task batches
+    are the other methods' and a run costs (align_steps + task_steps)/task_steps optimizer steps
+    per task step."""
+
+    align_steps: int = 2
+    """K1: alignment steps at the start of each cycle (before its task steps)."""
+    task_steps: int = 18
+    """K2: task steps per cycle. 2 and 18: a 1:9 split, alignment the small share as in the
+    paper's asymmetric setting (10% extra optimizer steps), at a cycle short enough for a
+    40-step run to go through three cycles."""
+    rho: float = 1.0
+    """Proximal coefficient: each step's gradient gets rho*(W - W_anchor) (Lisa's default 1)."""
+    batch_size: Optional[int] = None
+    """Alignment examples per alignment step, global (split over ranks): the (prompt, safe)
+    of that many `data.safety` pairs; null takes `sap.safety_batch_size`."""
 
 
 @dataclass
@@ -241,7 +266,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Task data and safety pairs."""
     sap: SapConfig = field(default_factory=SapConfig)
-    """The method: plain fine-tuning or SAP, and SAP's settings."""
+    """The method: plain fine-tuning, SAP or Lisa, and SAP's settings."""
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    """The Lisa baseline's settings (used when `sap.method` is `lisa`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, output and logging."""
     dist: DistributedConfig = field(default_factory=DistributedConfig)
@@ -419,6 +446,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}")
     if not 0 < cfg.dist.timeout_minutes:
         raise ConfigError(f"dist.timeout_minutes must be positive, got {cfg.dist.timeout_minutes}")
+    lisa = cfg.lisa
+    for key, value in [("lisa.align_steps", lisa.align_steps), ("lisa.task_steps", lisa.task_steps),
+                       ("lisa.batch_size", 1 if lisa.batch_size is None else lisa.batch_size)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not lisa.rho >= 0:
+        raise ConfigError(f"lisa.rho must be 0 or positive, got {lisa.rho}")
     if s.probe_layers is not None and not s.probe_layers:
         raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
 

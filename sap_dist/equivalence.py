@@ -1,6 +1,6 @@
 """`sap-dist check-equivalence`: do N ranks train what one process trains?
 
-Launches the real trainer once per backend and SAP variant (`torchrun --nproc_per_node N -m
+Launches the real trainer once per backend and SAP variant (or other method, `--methods lisa`) (`torchrun --nproc_per_node N -m
 sap_dist.train ...`, the `single` reference as one plain process), every run on the same
 model, data, seed and global batches, then compares each run's trained weights (the saved
 adapter or model) and last probe (`probe.pt`) with the `single` run of the same variant. It
@@ -64,10 +64,15 @@ def _env() -> dict:
     return env
 
 
+NO_PROBE_METHODS = ("lisa",)
+"""Methods compared as a case of their own (no SAP variant) and by their weights alone: they
+train no probe."""
+
+
 def command(backend: str, variant: str, out: str, args, setting: str = "exact") -> list[str]:
-    """The launch command for one run."""
-    train_args = ["--config", args.config or DEFAULT_CONFIG] + DEFAULT_OVERRIDES + [
-        f"sap.variant={variant}",
+    """The launch command for one run; `variant` is a SAP variant or a NO_PROBE_METHODS name."""
+    case = [f"sap.method={variant}"] if variant in NO_PROBE_METHODS else [f"sap.variant={variant}"]
+    train_args = ["--config", args.config or DEFAULT_CONFIG] + DEFAULT_OVERRIDES + case + [
         f"dist.backend={backend}",
         f"train.max_steps={args.steps}",
         f"train.output_dir={out}",
@@ -155,6 +160,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backends", default="single,ddp,zero2,zero3,fsdp2",
                    help="comma-separated backends; `single` (the reference) is always run")
     p.add_argument("--variants", default="paper,reference", help="comma-separated SAP variants")
+    p.add_argument("--methods", default="sap",
+                   help=f"comma-separated methods: `sap` (each of --variants) and {', '.join(NO_PROBE_METHODS)} "
+                   "(compared by the trained weights alone, under the `exact` setting only)")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated SAP settings each variant runs under: {', '.join(SETTINGS)} "
                    "(shown in the table as variant@setting)")
@@ -176,7 +184,13 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("sap",) + NO_PROBE_METHODS]
+    if bad:
+        print(f"unknown method(s) {', '.join(bad)}; choose from sap, {', '.join(NO_PROBE_METHODS)}", file=sys.stderr)
+        return 2
+    variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if "sap" in methods else [])
+    variants += [m for m in methods if m in NO_PROBE_METHODS]
     from sap_dist.backends import BACKENDS
 
     unknown = [b for b in backends if b not in BACKENDS or b == "auto"]
@@ -194,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
 
     rows, failed = [], False
-    for variant, setting in [(v, x) for x in settings for v in variants]:
+    # the SAP settings change nothing for a method without a probe: it runs once, as given
+    cases = [(v, x) for x in settings for v in variants if v not in NO_PROBE_METHODS or x == settings[0]]
+    for variant, setting in cases:
         shown = variant if setting == "exact" else f"{variant}@{setting}"
         ref, floor = None, (0.0, 0.0)
         runs = [(b, None) for b in backends]
@@ -219,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                       + "\n".join(log.strip().splitlines()[-25:]), file=sys.stderr)
             else:
                 try:
-                    weights, pr = trained_weights(out), probe(out)
+                    weights = trained_weights(out)
+                    pr = [] if variant in NO_PROBE_METHODS else probe(out)
                     if ref is None and backend == "single":
                         ref = (weights, pr)
                         row.update(weights=0.0, probe=0.0, status="reference")
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["status"] = "NO REFERENCE"
                     else:
                         row["weights"] = max_rel_diff(weights, ref[0])
-                        row["probe"] = max_rel_diff(pr, ref[1])
+                        row["probe"] = max_rel_diff(pr, ref[1]) if pr else 0.0
                         if threads is not None:
                             floor = (row["weights"], row["probe"])
                             row["status"] = "noise floor"

@@ -60,10 +60,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "sap_paper": {"sap.method": "sap", "sap.variant": "paper"},
     "sap_reference": {"sap.method": "sap", "sap.variant": "reference"},
     "mix": {"sap.method": "sft"},
+    "lisa": {"sap.method": "lisa"},
 }
 """Trainer settings of each method (`mix` differs by its data, not by the trainer)."""
 METHOD_LABELS = {"sft": "plain fine-tuning", "sap_paper": "SAP (paper)", "sap_reference": "SAP (reference)",
-                 "mix": "safety-data mixing"}
+                 "mix": "safety-data mixing", "lisa": "Lisa"}
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""One optimizer step: plain fine-tuning (`sft_step`) or safety-aware probing (`sap_step`).
+"""One optimizer step: plain fine-tuning (`sft_step`), safety-aware probing (`sap_step`) or
+the Lisa baseline (`lisa_step`).
 
-Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm.
+Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm and
+docs/baselines.md for Lisa.
 Losses are scaled so that the data-parallel *mean* gradient over ranks equals the gradient
 of the global batch computed in one process: each rank divides its local sum by the global
 count and multiplies by the world size.
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sap_dist.backends.base import Backend
-from sap_dist.config import SapConfig
+from sap_dist.config import LisaConfig, SapConfig
 from sap_dist.probe import Probe
 
 
@@ -53,6 +55,20 @@ class SapState:
     Shard-local, so checkpoints keep it per rank."""
     perturbation_warning: str | None = None
     """The first warning that the perturbation was (nearly) rounded away (summary.json)."""
+
+
+@dataclass
+class LisaState:
+    """What Lisa carries from one task step to the next."""
+
+    task_steps_done: int = 0
+    """Task steps taken so far: a cycle's alignment steps run before the task step with
+    task_steps_done % task_steps == 0, so the state (alignment or task) follows from it."""
+    align_steps_done: int = 0
+    """Alignment steps taken so far (the index of the next alignment batch)."""
+    anchor: list[torch.Tensor] | None = field(default=None, metadata={"per_rank": True})
+    """The trained weights at the last switch of state (`Backend.save_weights`: this rank's
+    shards), the proximal term's centre; None before the first step."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,6 +415,63 @@ def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_p
             logger.warning(state.perturbation_warning)
 
 
+def lisa_step(backend: Backend, task_batch, global_tokens: float, alignment_batch, cfg: LisaConfig,
+              state: LisaState) -> dict:
+    """One Lisa task step (Bi-State Optimization, Huang et al. 2024), preceded at the start of
+    each cycle by `cfg.align_steps` alignment steps. `alignment_batch(i)` gives the i-th
+    alignment batch and its global response-token count. Each step's gradient gets
+    rho*(W - anchor), the anchor being the weights at the last switch of state: the end of the
+    last task phase for alignment steps (the initial weights in the first cycle), the end of
+    the last alignment phase for task steps.
+
+    Metrics: `lisa_align_steps` (alignment steps run before this task step: 0 or K1),
+    `align_loss` and `align_proximal` (mean over them), `task_proximal` (the task step's
+    (rho/2)*||W - anchor||^2, before its update)."""
+    metrics: dict = {}
+    timer = _PassTimer(backend.device)
+    aligned: list[tuple[float, float]] = []
+    if state.task_steps_done % cfg.task_steps == 0:
+        with timer("align"):
+            state.anchor = backend.save_weights()  # switch task -> alignment
+            for _ in range(cfg.align_steps):
+                batch, tokens = alignment_batch(state.align_steps_done)
+                aligned.append(_proximal_step(backend, batch, tokens, cfg.rho, state.anchor, "alignment loss"))
+                state.align_steps_done += 1
+            state.anchor = backend.save_weights()  # switch alignment -> task
+        metrics["align_loss"] = sum(v for v, _ in aligned) / len(aligned)
+        metrics["align_proximal"] = sum(p for _, p in aligned) / len(aligned)
+    metrics["lisa_align_steps"] = len(aligned)
+    with timer("train"):
+        _, metrics["task_proximal"] = _proximal_step(backend, task_batch, global_tokens, cfg.rho, state.anchor,
+                                                     "task loss", metrics)
+    state.task_steps_done += 1
+    return metrics | timer.times
+
+
+def _proximal_step(backend: Backend, batch, global_tokens: float, rho: float, anchor, what: str,
+                   metrics: dict | None = None) -> tuple[float, float]:
+    """zero_grad, forward + backward of the mean response-token loss, grad += rho*(W - anchor),
+    optimizer step. Returns the loss value and (rho/2)*||W - anchor||^2 before the step; with
+    `metrics`, records the loss and gradient norm there as `task_loss` and `grad_norm`."""
+    out: dict = {} if metrics is None else metrics
+    backend.zero_grad()
+    loss = task_loss(backend, batch, global_tokens)
+    value = float(backend.all_reduce_mean_(loss.detach().clone()))
+    _check_finite(value, what)
+    backend.backward(loss)
+    proximal = rho / 2 * float(backend.weight_sq_distance(anchor))
+    backend.add_proximal_grad(anchor, rho)
+    out["task_loss"] = value
+    _step(backend, out)
+    return value, proximal
+
+
+def lisa_optimizer_steps(task_steps: int, cfg: LisaConfig) -> int:
+    """Optimizer steps (alignment and task) Lisa takes through `task_steps` task steps: the
+    alignment steps of every cycle begun, plus the task steps."""
+    return task_steps + cfg.align_steps * -(-task_steps // cfg.task_steps)
+
+
 def _norm(vectors: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(v.double().pow(2).sum() for v in vectors)))
 
@@ -450,7 +523,10 @@ def reference_probe_update(probe: Probe, state: SapState, u_harm, u_here) -> lis
     return [v.detach().clone() for v in probe.vectors]
 
 
-def new_sap_state(probe: Probe | None, cfg: SapConfig) -> SapState:
+def new_sap_state(probe: Probe | None, cfg: SapConfig) -> SapState | LisaState:
+    """The state a run of `cfg.method` carries from step to step (Lisa's for `lisa`)."""
+    if cfg.method == "lisa":
+        return LisaState()
     state = SapState()
     if probe is not None and cfg.method == "sap" and cfg.variant == "reference":
         state.probe_optimizer = torch.optim.AdamW(probe.vectors, lr=cfg.probe_lr)

@@ -6,7 +6,7 @@
 
 Reads top to bottom: resolve the config, prepare the output directory, load tokenizer,
 data and model, wrap the model in a backend, attach the probe, then loop over global
-batches taking one `sft_step` or `sap_step` each, logging every step, and save.
+batches taking one `sft_step`, `sap_step` or `lisa_step` each, logging every step, and save.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Che
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
-from sap_dist.sap import NonFiniteLossError, new_sap_state, sap_step, sft_step
+from sap_dist.sap import NonFiniteLossError, lisa_optimizer_steps, lisa_step, new_sap_state, sap_step, sft_step
 
 OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
 """Files whose presence means an output directory already holds a run."""
@@ -122,18 +122,34 @@ def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
             f"train.batch_size={cfg.train.batch_size}"
         )
     safety, safety_stats = None, None
-    if cfg.sap.method == "sap":
+    safety_key, safety_size = _safety_batch_size(cfg)
+    if cfg.sap.method in ("sap", "lisa"):
         pairs = data.load_safety_pairs(cfg.data.safety, cfg.data.safety_columns, cfg.data.safety_split)
         safety, safety_stats = data.encode_safety(tokenizer, pairs, cfg.data.safety_max_length, cfg.data.truncation)
-        if len(safety) < cfg.sap.safety_batch_size:
+        if len(safety) < safety_size:
             raise ConfigError(
-                f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than "
-                f"sap.safety_batch_size={cfg.sap.safety_batch_size}"
+                f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than {safety_key}={safety_size}"
             )
-    for name, size in (("train.batch_size", cfg.train.batch_size), ("sap.safety_batch_size", cfg.sap.safety_batch_size)):
+    for name, size in (("train.batch_size", cfg.train.batch_size), (safety_key, safety_size)):
         if size % world_size:
             raise ConfigError(f"{name}={size} is a global batch size and must divide evenly over {world_size} ranks")
     return task, task_stats, safety, safety_stats
+
+
+def _safety_batch_size(cfg: Config) -> tuple[str, int]:
+    """The config key and value of the global number of safety pairs per step: Lisa's
+    alignment batch (`lisa.batch_size`, null meaning `sap.safety_batch_size`) or SAP's."""
+    if cfg.sap.method == "lisa" and cfg.lisa.batch_size is not None:
+        return "lisa.batch_size", cfg.lisa.batch_size
+    return "sap.safety_batch_size", cfg.sap.safety_batch_size
+
+
+def _optimizer_step_index(cfg: Config, task_step: int) -> int:
+    """Index of the optimizer step that takes task step `task_step` (0-based): Lisa's
+    alignment steps come before it in the same optimizer and LR schedule."""
+    if cfg.sap.method != "lisa":
+        return task_step
+    return lisa_optimizer_steps(task_step + 1, cfg.lisa) - 1
 
 
 def _total_steps(cfg: Config, n_examples: int) -> int:
@@ -183,6 +199,13 @@ def _collate_task(rows: list[dict], pad_id: int, device) -> dict:
 def _collate_safety(pairs: list[dict], pad_id: int, device) -> dict:
     """n safe sequences then their n harmful twins, in one batch."""
     return _collate_task([p["safe"] for p in pairs] + [p["harmful"] for p in pairs], pad_id, device)
+
+
+def _alignment_batch(safety_batches: Batches, index: int, pad_id: int, device) -> tuple[dict, float]:
+    """Lisa's `index`-th alignment batch: the (prompt, safe) sequences of a global batch of
+    safety pairs (this rank's share), and their global response-token count."""
+    safe = [p["safe"] for p in safety_batches.global_batch(index)]
+    return _collate_task(safety_batches.local(safe), pad_id, device), float(_response_tokens(safe))
 
 
 def probe_row_count(batch_size: int, fraction: float, world_size: int) -> int:
@@ -263,10 +286,10 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
     optim = OptimizerSpec(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                           max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
-                          total_steps=total_steps, schedule=cfg.train.lr_schedule)
+                          total_steps=_optimizer_step_index(cfg, total_steps - 1) + 1, schedule=cfg.train.lr_schedule)
     backend = loading.wrap(model, optim)
     probe, probe_layers = _setup_probe(cfg, backend)
-    state = new_sap_state(probe, cfg.sap)
+    state = new_sap_state(probe, cfg.sap)  # a LisaState for `lisa`
     torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data
     # Resume: backend state, SAP state, this rank's RNG and the metrics rows of the newest
     # usable checkpoint. The data position is the step itself (Batches depends on step and seed).
@@ -279,7 +302,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
                 os.remove(os.path.join(out, marker))
 
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
-    safety_batches = (Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
+    safety_batches = (Batches(safety, _safety_batch_size(cfg)[1], cfg.train.seed + 1, backend.rank, backend.world_size)
                       if safety else None)
     log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg),
                      purge_step=start_step + 1 if resumed else None)
@@ -301,6 +324,9 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
                 probe_rows, probe_local = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
                 metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
                                    float(global_tokens), cfg.sap, state, probe_local, float(_response_tokens(probe_rows)))
+            elif cfg.sap.method == "lisa":
+                metrics = lisa_step(backend, batch, float(global_tokens),
+                                    lambda i: _alignment_batch(safety_batches, i, pad_id, backend.device), cfg.lisa, state)
             else:
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0
@@ -308,7 +334,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
             tokens = sum(len(r["input_ids"]) for r in rows)
             tokens_seen += tokens
             if step % cfg.train.log_every == 0 or step == total_steps - 1:
-                log.write(step + 1, metrics | {"lr": optim.lr * _lr_factor(optim, step), "step_time": step_time,
+                log.write(step + 1, metrics | {"lr": optim.lr * _lr_factor(optim, _optimizer_step_index(cfg, step)), "step_time": step_time,
                                                "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")

@@ -22,13 +22,18 @@ def test_methods_compared():
     for name in ("sap_paper_exact", "sap_reference_exact"):
         assert methods[name].probe_every == 1 and methods[name].probe_batch_fraction == 1.0
         assert methods[name].safety_every == 1
+    assert methods["lisa"].method == "lisa"
 
 
 def test_bench_reports_every_method_with_its_passes(tmp_path):
     cfg = load_config("tiny", [f"train.output_dir={tmp_path}", "sap.probe_every=2"])
     result = run_bench(cfg, repeats=2, warmup=0)
     m = result["methods"]
-    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact"}
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa"}
+    # Lisa: every task step charged its share of the alignment phase (the first block has one)
+    assert set(m["lisa"]["passes_s"]) == {"align", "train"} and m["lisa"]["passes_s"]["align"] > 0
+    assert m["lisa"]["settings"]["lisa"]["task_steps"] == cfg.lisa.task_steps
+    assert result["lisa_over_sft_time"] == m["lisa"]["time_ratio"]
     assert set(m["sft"]["passes_s"]) == {"train"}
     assert set(m["sap_paper_exact"]["passes_s"]) == {"safety", "probe_harm", "probe_here", "train"}
     assert set(m["sap_reference_exact"]["passes_s"]) == {"safety", "probe_harm", "train", "probe_update"}

@@ -443,12 +443,37 @@ def _resume_mid_cycle(tmp_path, interval: str, refreshed: str, backend: str = "s
 def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
     """With `sap.safety_every=3` the safety pass runs at steps 1 and 4 and steps 2-3 and 5-6
     perturb along the stored direction; a run resumed from the step-2 checkpoint must perturb
-    step 3 along step 1's direction (restored per rank from sap/rank-*.pt: on fsdp2 each rank
+    step 3 along step 1's direction (restored per rank from rank_state/rank-*.pt: on fsdp2 each rank
     holds its own shard of it), and ends equal to the uninterrupted run."""
     _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed", backend)
     ranks = 1 if backend == "single" else 2
     saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "sap")))
     assert saved == [f"rank-{r:05d}.pt" for r in range(ranks)]
+
+
+def test_lisa_resumes_in_the_middle_of_a_cycle(tmp_path):
+    """Lisa with cycles of 1 alignment + 3 task steps aligns before task steps 1 and 4; a run
+    resumed from the step-2 checkpoint must take step 3 as a task step (the step counts are
+    restored) against the anchor saved at the end of step 1's alignment (this rank's
+    rank_state file), and ends bitwise equal to the uninterrupted run. rho=50 makes the
+    proximal term large enough that a wrong anchor changes the weights."""
+    lisa = ["sap.method=lisa", "lisa.align_steps=1", "lisa.task_steps=3", "lisa.rho=50"]
+    ref = str(tmp_path / "ref")
+    run = Run("single", ref, *lisa)
+    assert run.wait() == 0, run.tail()
+    assert [m["lisa_align_steps"] for m in rows(ref)] == [1, 0, 0, 1, 0, 0]
+    assert os.path.exists(os.path.join(_ckpt(ref, 2), "rank_state", "rank-00000.pt"))
+    out = _copy_run(ref, tmp_path / "run")
+    for step in (4, 6):
+        shutil.rmtree(_ckpt(out, step))
+    run = Run("single", out, *lisa, "checkpoint.resume_from=auto")
+    assert run.wait() == 0, run.tail()
+    assert _resumed_at(run) == 2
+    got, want = adapter(out), adapter(ref)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    mine, theirs = rows(out), rows(ref)
+    assert [m["step"] for m in mine] == list(range(1, STEPS + 1))
+    assert [(m["task_loss"], m["task_proximal"]) for m in mine] == [(m["task_loss"], m["task_proximal"]) for m in theirs]
 
 
 def test_checkpoint_from_another_config_lists_the_mismatching_keys(reference, tmp_path, capsys):

@@ -94,6 +94,11 @@ class Backend(Protocol):
         """Global dot product of two `save_direction` results (local pieces, all-reduced),
         equal on every rank."""
 
+    def add_proximal_grad(self, saved: Any, rho: float) -> None:
+        """grad <- grad + rho * (W - saved), shard by shard with no gather, on the gradient
+        the next `optimizer_step` clips and applies (`saved` from `save_weights`): the
+        gradient of a proximal term (rho/2)*||W - saved||^2 added to the loss (Lisa)."""
+
     # --- output ---------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:
         """The underlying (peft or transformers) model, for saving and hooks."""

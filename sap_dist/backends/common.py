@@ -80,3 +80,51 @@ def local_dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device
         if x is not None and y is not None:
             total += (x.double() * y.double()).sum().to(device)
     return total
+
+@torch.no_grad()
+def add_proximal(params, saved: list[torch.Tensor], rho: float, local=lambda t: t) -> None:
+    """p.grad += rho * (p - s) for every parameter, on its `local` shard, computed in fp32; a
+    parameter without a gradient gets the proximal term alone (zeros_like keeps a sharded
+    parameter's layout)."""
+    for p, s in zip(params, saved):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        w, g = local(p).detach(), local(p.grad)
+        g.add_((w.float() - s.to(device=w.device).float()).mul_(rho).to(g.dtype))
+
+
+def fp32_master_weights(model: torch.nn.Module) -> torch.dtype | None:
+    """Full fine-tuning in bf16 (or fp16): turn the trained weights into fp32, the master copy
+    AdamW steps (stepping bf16 weights directly rounds every update below bf16's resolution
+    away, ~0.4% of the weight), and return the dtype they had: the compute dtype the forward
+    casts them to (autocast on `single`/`ddp`, FSDP2's mixed-precision policy). None when every
+    trained weight is fp32 already (LoRA adapters over a bf16 base, fp32 runs). DeepSpeed keeps
+    its own fp32 master (its bf16 mode) and does not call this. Works on meta parameters."""
+    low = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)}
+    if not low:
+        return None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in low:
+            p.data = p.data.float()
+    return low.pop()
+
+
+class ComputeIn(torch.nn.Module):
+    """`module` run under autocast to `dtype`: fp32 master weights, bf16 matmuls."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs):
+        device = next(self.module.parameters()).device.type
+        with torch.autocast(device_type=device, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+
+def with_compute_dtype(model: torch.nn.Module) -> torch.nn.Module:
+    """The model to call for forward passes: `model` itself, or `model` under autocast to the
+    trained weights' original low-precision dtype once they are fp32 masters."""
+    dtype = fp32_master_weights(model)
+    return model if dtype is None else ComputeIn(model, dtype)
+

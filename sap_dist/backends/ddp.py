@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, build_optimizer, local_dot, unit_direction
+from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, local_dot, unit_direction, with_compute_dtype
 
 
 class ProcessGroupOps:
@@ -190,7 +190,7 @@ class DDPBackend(ProcessGroupOps):
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})  # torch before the rename
         self.model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+            with_compute_dtype(model), device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer, self.scheduler = build_optimizer(self.params, optim)
@@ -247,6 +247,11 @@ class DDPBackend(ProcessGroupOps):
 
     def direction_dot(self, a, b) -> float:
         return float(local_dot(a, b, self.device))  # replicas: local is global
+
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        # the gradient is already the all-reduced mean and the replicas are equal, so the
+        # local term is the same on every rank
+        add_proximal(self.params, saved, rho)
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:

@@ -372,6 +372,26 @@ class DeepSpeedBackend(ProcessGroupOps):
     def direction_dot(self, a, b) -> float:
         return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
+    @torch.no_grad()
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        # saved holds the local weight pieces (`_local_weights`), aligned with `_local_grads`.
+        weights = self._local_weights()
+        if self.stage == 3:
+            # through set_local_grad_for_param: with the optimizer offloaded, ZeRO-3 clips with
+            # per-parameter norms recorded at reduction time, which this call updates
+            opt = self.optimizer
+            for p, w, s in zip(self.params, weights, saved):
+                g = opt.get_local_fp32_grad_for_param(p)
+                g = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=w.device) if g is None else g.clone()
+                valid = w.numel()
+                g[:valid] += (w.float() - s.to(w.device).float()).to(g.device) * rho
+                opt.set_local_grad_for_param(g, p)
+        else:
+            for w, s, g in zip(weights, saved, self._local_grads()):
+                if g is None:
+                    raise RuntimeError("ZeRO-2 holds no gradient to add the proximal term to; call backward first")
+                g.add_(((w.float() - s.to(w.device).float()) * rho).to(device=g.device, dtype=g.dtype).view_as(g))
+
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:
         return self.engine.module

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, build_optimizer, local_dot, unit_direction
+from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, fp32_master_weights, local_dot, unit_direction
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 
@@ -58,9 +58,17 @@ class FSDP2Backend(ProcessGroupOps):
             model.to(device)
         mesh = init_device_mesh(device.type, (self.world_size,))
         reshard = dist_cfg.fsdp_reshard_after_forward
+        # bf16 full fine-tuning: fp32 sharded masters, all-gathered in bf16 for compute and
+        # gradients reduced in fp32
+        compute = fp32_master_weights(model)
+        extra = {}
+        if compute is not None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            extra["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **extra)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **extra)
         self.largest_full_param = 0
         """Most elements of one full parameter this rank held at once while filling shards."""
         if on_meta:
@@ -174,6 +182,10 @@ class FSDP2Backend(ProcessGroupOps):
 
     def direction_dot(self, a, b) -> float:
         return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
+
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        # p and p.grad are DTensors sharded alike: each rank edits its own shard
+        add_proximal(self.params, saved, rho, local=_local)
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

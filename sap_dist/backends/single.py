@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, build_optimizer, local_dot, unit_direction
+from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, local_dot, unit_direction, with_compute_dtype
 
 
 class SingleBackend:
@@ -14,7 +14,8 @@ class SingleBackend:
         self.rank = 0
         self.world_size = 1
         self.device = device or torch.device("cpu")
-        self.model = model.to(self.device)
+        self._module = model.to(self.device)
+        self.model = with_compute_dtype(self._module)  # bf16 full fine-tuning: fp32 masters
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trained parameters (none has requires_grad=True)")
@@ -82,14 +83,18 @@ class SingleBackend:
     def direction_dot(self, a, b) -> float:
         return float(local_dot(a, b, self.device))
 
+    @torch.no_grad()
+    def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
+        add_proximal(self.params, saved, rho)
+
     # output
     def unwrapped_model(self) -> torch.nn.Module:
-        return self.model
+        return self._module
 
     def save_model(self, output_dir: str, tokenizer=None) -> None:
         from sap_dist.models import save_trained
 
-        save_trained(self.model, tokenizer, output_dir)
+        save_trained(self._module, tokenizer, output_dir)
 
     def barrier(self) -> None:
         pass
@@ -100,12 +105,12 @@ class SingleBackend:
     def save_checkpoint(self, path: str) -> None:
         from sap_dist.backends.checkpointing import save_full_state
 
-        save_full_state(self.model, self.optimizer, self.scheduler, path)
+        save_full_state(self._module, self.optimizer, self.scheduler, path)
 
     def load_checkpoint(self, path: str) -> None:
         from sap_dist.backends.checkpointing import load_full_state
 
-        load_full_state(self.model, self.optimizer, self.scheduler, path, self.device)
+        load_full_state(self._module, self.optimizer, self.scheduler, path, self.device)
 
     def any_rank(self, flag: bool) -> bool:
         return bool(flag)
