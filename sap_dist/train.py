@@ -388,7 +388,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
         "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
         "wall_time_s": time.time() - started,
         "peak_memory_mb": peak_memory_mb(backend.device),
-        "perturbation_warning": state.perturbation_warning,
+        "perturbation_warning": getattr(state, "perturbation_warning", None),
         "resumed_from": resumed["path"] if resumed else None,
         "last_checkpoint": checkpointer.last_saved,
         "output_dir": os.path.abspath(out),

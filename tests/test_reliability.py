@@ -447,7 +447,7 @@ def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
     holds its own shard of it), and ends equal to the uninterrupted run."""
     _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed", backend)
     ranks = 1 if backend == "single" else 2
-    saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "sap")))
+    saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "rank_state")))
     assert saved == [f"rank-{r:05d}.pt" for r in range(ranks)]
 
 
