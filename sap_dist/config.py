@@ -140,8 +140,8 @@ class TrainConfig:
     output_dir: str = "runs/sap"
     """Directory for the adapter/weights, tokenizer, resolved config, metrics and summary."""
     overwrite: bool = False
-    """Replace a run already in output_dir (otherwise that is an error, so nothing written
-    before is lost)."""
+    """Replace a run already in output_dir: its files are deleted first, and a directory holding
+    files no run writes is refused (without it, an existing run is an error, so nothing is lost)."""
     seed: int = 0
     """Seed of weight init, data order and dropout."""
     epochs: float = 1.0

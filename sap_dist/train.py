@@ -30,6 +30,7 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Che
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
+from sap_dist.run_files import clear_previous_run
 from sap_dist.sap import NonFiniteLossError, new_sap_state, sap_step, sft_step
 
 OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
@@ -98,13 +99,11 @@ def _setup_output_dir(cfg: Config, rank: int, resuming: bool = False) -> str:
                 f"{out} already holds a run ({', '.join(held)}); choose another train.output_dir, "
                 f"set checkpoint.resume_from=auto to continue it, or train.overwrite=true to replace it"
             )
+        if not resuming and (cfg.train.overwrite or (restart and existing)):
+            clear_previous_run(out)  # only the new run's files remain; refuses foreign files
         os.makedirs(out, exist_ok=True)
         if not resuming:
             remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
-        if existing and not resuming:
-            for marker in ("metrics.jsonl", "summary.json"):
-                if os.path.exists(os.path.join(out, marker)):
-                    os.remove(os.path.join(out, marker))
         save_config(cfg, os.path.join(out, "config.yaml"))
     return out
 

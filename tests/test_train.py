@@ -109,6 +109,27 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
     assert len(read_metrics(str(tmp_path))) == 2  # replaced, not appended
 
 
+def test_overwrite_leaves_only_the_new_runs_files(tmp_path):
+    """A full-weights run replaced by a LoRA run: no old model.safetensors/config.json (transformers
+    would load them as the base under the new adapter) and no old TensorBoard events remain."""
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    run(tiny(out, "sap.method=sft", "train.max_steps=1", "weights.method=full", "train.tensorboard=true"))
+    assert (out / "model.safetensors").exists()
+    run(tiny(out, "sap.method=sft", "train.max_steps=1", "train.tensorboard=true", "train.overwrite=true"))
+    run(tiny(fresh, "sap.method=sft", "train.max_steps=1", "train.tensorboard=true"))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
+    assert len(os.listdir(out / "tensorboard")) == 1
+
+
+def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path):
+    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1"))
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ConfigError, match="not a sap-dist run's \\(notes.txt\\)"):
+        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1", "train.overwrite=true"))
+    assert sorted(os.listdir(tmp_path)) == before  # nothing deleted
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
