@@ -270,6 +270,11 @@ def train_model(cfg: Config) -> TrainResult:
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0
             step_times.append(step_time)
+            if not math.isfinite(float(backend.weight_sq_norm())):
+                status = "diverged"
+                stop_message = (f"step {step + 1}: the weights are no longer finite after the update (their norm "
+                                f"overflowed): train.learning_rate={cfg.train.learning_rate:g} is too large; "
+                                f"no weights were saved")
             tokens = sum(len(r["input_ids"]) for r in rows)
             tokens_seen += tokens
             if step % cfg.train.log_every == 0 or step == total_steps - 1:
@@ -277,6 +282,9 @@ def train_model(cfg: Config) -> TrainResult:
                                                "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")
+            if status == "diverged":
+                step += 1
+                break
             # step boundary: a stop request on any rank stops every rank here
             if backend.any_rank(stop.received is not None):
                 path = checkpointer.save(step + 1, tokens_seen, step_times, state)
@@ -300,9 +308,9 @@ def train_model(cfg: Config) -> TrainResult:
         progress.close()
         log.close()
 
-    if status != "preempted":  # a preempted run's state is in its checkpoint, not final
+    if status not in ("preempted", "diverged"):  # a preempted run's state is in its checkpoint, not final
         backend.save_model(out, tokenizer)
-    if probe is not None and backend.rank == 0 and status != "preempted":
+    if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
         torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
     summary = {
         "status": status,

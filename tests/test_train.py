@@ -75,10 +75,11 @@ def test_embedded_model_trains_and_reloads_to_the_same_logits(tmp_path, method):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, capsys):
-    # a learning rate of 1e37 blows the adapters up within a few steps until the forward overflows
-    # (1e36 only saturates the seeded tiny model: its gradient goes to exactly 0, no overflow)
-    cfg = tiny(tmp_path, "sap.method=sft", "train.learning_rate=1e37", "train.max_steps=10")
-    with pytest.raises(TrainingStopped, match=r"step \d+: task loss is (nan|inf)") as err:
+    # a temperature of 1e-40 makes the logsigmoid safety loss overflow as soon as a batch's margin
+    # favours the harmful answer (a huge learning rate now stops earlier, on the weights' norm)
+    overrides = ["sap.safety_loss=logsigmoid", "sap.temperature=1e-40", "train.max_steps=10"]
+    cfg = tiny(tmp_path, *overrides)
+    with pytest.raises(TrainingStopped, match=r"step \d+: safety loss is (nan|inf)") as err:
         run(cfg)
     failed = int(re.search(r"step (\d+)", str(err.value)).group(1))
     assert 1 < failed < 10
@@ -87,10 +88,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, 
     assert len(read_metrics(str(tmp_path))) == failed - 1  # every finished step logged, none after
     weights = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())  # the failing update was not applied
-    assert max(float(w.abs().max()) for w in weights.values()) > 1e20  # the last good step's weights
     assert main(["--config", "tiny", f"train.output_dir={tmp_path}/again", "train.progress_bar=false",
-                 "sap.method=sft", "train.learning_rate=1e37", "train.max_steps=10"]) == 3
+                 *overrides]) == 3
     assert f"step {failed}" in capsys.readouterr().err
+
+
+def test_weights_that_overflow_stop_the_run_without_saving_them(tmp_path):
+    """learning_rate=1e30 overflowed the weights on step 1 and trained 3 steps of nothing, then
+    said `completed`."""
+    with pytest.raises(TrainingStopped, match=r"step 1: the weights are no longer finite.*learning_rate=1e\+30"):
+        run(tiny(tmp_path, "train.learning_rate=1e30"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 1
+    assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
 def test_probe_layer_out_of_range_is_named(tmp_path):
