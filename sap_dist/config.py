@@ -410,6 +410,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.timeout_minutes must be positive, got {cfg.dist.timeout_minutes}")
     if s.probe_layers is not None and not s.probe_layers:
         raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
+    if d.task_limit is not None and d.task_limit < 1:
+        raise ConfigError(f"data.task_limit must be at least 1 (or null for all rows), got {d.task_limit}")
+    from sap_dist.data import MIN_PROMPT_TOKENS
+
+    for key, value in [("data.max_length", d.max_length), ("data.safety_max_length", d.safety_max_length)]:
+        if value <= MIN_PROMPT_TOKENS:
+            raise ConfigError(f"{key} must exceed {MIN_PROMPT_TOKENS} (the prompt tokens truncation keeps), got {value}")
+    if not 0 <= cfg.weights.lora_dropout < 1:
+        raise ConfigError(f"weights.lora_dropout is a probability and must be in [0, 1), got {cfg.weights.lora_dropout}")
 
 
 def to_dict(cfg: Config) -> dict:

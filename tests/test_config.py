@@ -91,3 +91,15 @@ def test_every_field_is_documented():
     for i, line in enumerate(lines):
         if re.match(r"^  \w+\.\w+ = ", line):
             assert lines[i + 1].startswith("      "), f"no docstring for {line.strip()}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.task_limit=0", "data.task_limit must be at least 1"),
+    ("data.max_length=5", "data.max_length must exceed 8"),
+    ("data.safety_max_length=8", "data.safety_max_length must exceed 8"),
+    ("weights.lora_dropout=2", r"weights.lora_dropout is a probability and must be in \[0, 1\), got 2"),
+])
+def test_out_of_range_values_are_refused_by_validate(override, message):
+    """These raised a ValueError deep inside data loading or peft (a traceback) before."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
