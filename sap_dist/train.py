@@ -101,10 +101,13 @@ def _setup_output_dir(cfg: Config, rank: int, resuming: bool = False) -> str:
             )
         if not resuming and (cfg.train.overwrite or (restart and existing)):
             clear_previous_run(out)  # only the new run's files remain; refuses foreign files
-        os.makedirs(out, exist_ok=True)
-        if not resuming:
-            remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        try:
+            os.makedirs(out, exist_ok=True)
+            if not resuming:
+                remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        except OSError as exc:  # a file in the way, a path under a file, no permission, disk full
+            raise ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})") from None
     return out
 
 

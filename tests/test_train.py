@@ -140,6 +140,21 @@ def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before  # nothing deleted
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, where, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    out = {"a file": blocker, "under a file": blocker / "run", "unwritable": tmp_path / "locked" / "run"}[where]
+    if where == "unwritable" and os.geteuid() == 0:
+        out = "/sys/sap-dist-test/run"  # root may write anywhere but to sysfs (PermissionError)
+    elif where == "unwritable":
+        (tmp_path / "locked").mkdir(mode=0o500)
+    assert main(["--config", "tiny", f"train.output_dir={out}", "train.progress_bar=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.output_dir {out}: cannot write the run there" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory"
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
