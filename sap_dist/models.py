@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 import warnings
 import zlib
@@ -84,6 +85,12 @@ def _from_source(loader: Any, cfg: ModelConfig, what: str, **kwargs: Any) -> Any
     is_hub_id = path == cfg.name_or_path and not os.path.isdir(os.path.expanduser(path))
     try:
         return loader.from_pretrained(path, **_hub_kwargs(cfg), **kwargs)
+    except (struct.error, ValueError, KeyError) as exc:
+        if gguf_file is None:
+            raise
+        # the gguf reader's errors (a truncated file, no magic bytes) do not name the file
+        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: not a readable GGUF file "
+                             f"(truncated or another format): {exc}") from None
     except (OSError, HFValidationError) as exc:
         if not is_hub_id:
             raise ModelLoadError(f"could not load the {what} from {path!r}: {exc}") from exc

@@ -86,6 +86,19 @@ def test_gguf_file_loads_the_same_model(embedded_fp32, smol_tokenizer, ids):
     torch.testing.assert_close(logits(model, ids), logits(embedded_fp32, ids))
 
 
+@pytest.mark.parametrize("kind", ["truncated", "foreign"])
+def test_a_broken_gguf_file_is_named(tmp_path, kind):
+    """The gguf reader raised struct.error / a ValueError without the file's name."""
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "truncated":
+        with open(embedded.gguf_path(), "rb") as fh:
+            path.write_bytes(fh.read(100_000))
+    else:
+        path.write_text("not a model")
+    with pytest.raises(ModelLoadError, match=rf"'{path}': not a readable GGUF file \(truncated or another format\)"):
+        load_tokenizer(ModelConfig(name_or_path=str(path)))
+
+
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     import huggingface_hub.constants
 
