@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
-from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
-                                 Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
+from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Checkpointer,
+                                 CheckpointWriteError, Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         # From here on the process only exits with EXIT_REQUEUE: when the first rank exits,
         # torchrun SIGTERMs the others, and Python resets its own handlers to the default
         # (terminate) during interpreter teardown; SIG_IGN is kept through it.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         print(f"sap-dist train: rank {launch_from_env().rank}: {exc}", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"sap-dist train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice: no checkpoint
+        print("sap-dist train: interrupted (no checkpoint written)", file=sys.stderr)
+        return 130
     if summary and launch_from_env().rank == 0:
         print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
               f"({summary['mean_step_time_s']:.2f} s/step)")

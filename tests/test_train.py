@@ -155,6 +155,28 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, where, capsy
     assert blocker.read_text() == "not a directory"
 
 
+def test_ctrl_c_checkpoints_at_the_step_boundary_like_sigterm(tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback, wrote no checkpoint, and the leftover
+    metrics.jsonl then blocked the same command."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sap_dist.train", "--config", "tiny", f"train.output_dir={tmp_path}",
+           "train.progress_bar=false", "train.max_steps=200"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err and "stopped by SIGINT" in err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["last_checkpoint"]
+    assert os.path.isdir(summary["last_checkpoint"])  # resumable like a SIGTERM'd run (test_reliability)
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
