@@ -468,6 +468,44 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | No
         json.dump(info, fh, indent=2)
 
 
+HUB_IDS = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""Hub ids of sap-dist's built-in model names (the embedded model is that model's Q4_1 GGUF,
+dequantized: the hub weights are the unquantized original)."""
+
+
+def portable_base(name_or_path: str) -> str | None:
+    """The base model as other programs can find it: a hub id where one exists, else the local
+    path made absolute; None for the tiny model (random weights, nothing to download)."""
+    if name_or_path in HUB_IDS:
+        return HUB_IDS[name_or_path]
+    if name_or_path == TINY_MODEL:
+        return None
+    path = os.path.expanduser(name_or_path)
+    return os.path.abspath(path) if os.path.exists(path) else name_or_path
+
+
+def record_base(output_dir: str, cfg: ModelConfig) -> None:
+    """After saving (rank 0): point the adapter's `base_model_name_or_path` at `portable_base`
+    (peft wrote null or a machine-local cache path) so `AutoPeftModelForCausalLM` loads it
+    anywhere, and keep sap-dist's own name in `INFO_FILE`."""
+    base = portable_base(cfg.name_or_path)
+    adapter_config = os.path.join(output_dir, "adapter_config.json")
+    if os.path.exists(adapter_config):
+        with open(adapter_config) as fh:
+            adapter = json.load(fh)
+        adapter["base_model_name_or_path"] = base
+        with open(adapter_config, "w") as fh:
+            json.dump(adapter, fh, indent=2, sort_keys=True)
+    info_path = os.path.join(output_dir, INFO_FILE)
+    info: dict[str, Any] = {}
+    if os.path.exists(info_path):
+        with open(info_path) as fh:
+            info = json.load(fh)
+    info.update(name_or_path=cfg.name_or_path, base_model_name_or_path=base)
+    with open(info_path, "w") as fh:
+        json.dump(info, fh, indent=2)
+
+
 def load_trained(output_dir: str, cfg: ModelConfig) -> torch.nn.Module:
     """Reload `save_trained`'s output for evaluation (eval mode, cache on): `cfg`'s base plus
     the adapter, or the saved full weights in `cfg.dtype`."""

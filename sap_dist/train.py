@@ -29,6 +29,7 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STO
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
+from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
 from sap_dist.run_files import clear_previous_run
 from sap_dist.sap import NonFiniteLossError, new_sap_state, sap_step, sft_step
@@ -313,6 +314,8 @@ def train_model(cfg: Config) -> TrainResult:
 
     if status not in ("preempted", "diverged"):  # a preempted run's state is in its checkpoint, not final
         backend.save_model(out, tokenizer)
+        if backend.rank == 0:
+            record_base(out, cfg.model)  # a base that loads anywhere, not this machine's cache path
     if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
         torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
     summary = {

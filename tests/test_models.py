@@ -99,6 +99,17 @@ def test_a_broken_gguf_file_is_named(tmp_path, kind):
         load_tokenizer(ModelConfig(name_or_path=str(path)))
 
 
+def test_portable_base_names_a_model_other_programs_find(tmp_path, monkeypatch):
+    from sap_dist.models import portable_base
+
+    assert portable_base("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_base("tiny-random-llama") is None  # random weights: nothing to find
+    assert portable_base("someorg/some-model") == "someorg/some-model"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    assert portable_base("local") == str(tmp_path / "local")
+
+
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     import huggingface_hub.constants
 

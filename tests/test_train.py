@@ -72,6 +72,13 @@ def test_embedded_model_trains_and_reloads_to_the_same_logits(tmp_path, method):
         want = trained(input_ids=ids).logits
         got = load_trained(str(tmp_path), cfg.model)(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the base as other programs find it (peft wrote this machine's cache path), sap-dist's name beside it
+    if (tmp_path / "adapter_config.json").exists():
+        adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    info = json.loads((tmp_path / "sap_dist_model.json").read_text())
+    assert info["name_or_path"] == "smollm2-135m-instruct"
+    assert info["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_weights(tmp_path, capsys):
