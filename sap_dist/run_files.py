@@ -52,3 +52,31 @@ def clear_previous_run(out: str) -> None:
             shutil.rmtree(path)
         else:
             os.remove(path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give `path` (recursively) the modes the user's umask asks for: transformers and tempfile
+    write 0600 files and 0700 directories, which colleagues on a shared filesystem cannot read."""
+    mask = current_umask()
+    if os.path.isdir(path):
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    elif os.path.isfile(path):
+        os.chmod(path, 0o666 & ~mask)
+
+
+def share_run_files(out: str) -> None:
+    """follow_umask on every file and folder of the run in `out` (nothing else there)."""
+    for name in os.listdir(out):
+        if is_run_entry(name, os.path.join(out, name)):
+            follow_umask(os.path.join(out, name))

@@ -31,7 +31,7 @@ from sap_dist.config import Config, ConfigError, describe, load_config, parse_ov
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
-from sap_dist.run_files import clear_previous_run
+from sap_dist.run_files import clear_previous_run, share_run_files
 from sap_dist.sap import NonFiniteLossError, new_sap_state, sap_step, sft_step
 
 OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
@@ -316,6 +316,7 @@ def train_model(cfg: Config) -> TrainResult:
         backend.save_model(out, tokenizer)
         if backend.rank == 0:
             record_base(out, cfg.model)  # a base that loads anywhere, not this machine's cache path
+            share_run_files(out)  # the user's umask, not transformers' 0600
     if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
         torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
     summary = {

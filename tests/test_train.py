@@ -184,6 +184,19 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_like_sigterm(tmp_path):
     assert os.path.isdir(summary["last_checkpoint"])  # resumable like a SIGTERM'd run (test_reliability)
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    """transformers wrote model.safetensors 0600: colleagues on a shared filesystem could not read it."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1", "weights.method=full"))
+    finally:
+        os.umask(old)
+    modes = {f: stat.S_IMODE(os.stat(tmp_path / f).st_mode) for f in os.listdir(tmp_path) if (tmp_path / f).is_file()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
