@@ -4,7 +4,7 @@ safe-fine-tuning literature prepares its starting point, and measure the result.
     sap-dist align --out DIR [--model smollm2-135m-instruct] [--epochs 2] [--limit-eval N] [...]
 
 1. The base model answers the benign training instructions (`builtin:benign_train`) greedily; its
-   own answers become their targets (shared/PILOT.md: foreign targets taught the pilot's aligned
+   own answers become their targets (docs/pilot.md: foreign targets taught the pilot's aligned
    model to refuse harmless questions). An answer cut by the token limit is trimmed to its last
    full sentence; answers that are themselves refusals are left out.
 2. LoRA fine-tuning (the trainer, `sap.method=sft`) on harmful prompts -> refusals (the `align`

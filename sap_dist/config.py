@@ -52,7 +52,7 @@ class ModelConfig:
 class WeightsConfig:
     method: Literal["lora", "full", "qlora"] = "lora"
     """Which weights are trained: LoRA adapters (peft), all weights, or LoRA over a 4-bit
-    base (bitsandbytes; needs CUDA)."""
+    base (bitsandbytes; meant for GPUs, also runs on CPU, slowly)."""
     lora_r: int = 8
     """LoRA rank (reference: 8)."""
     lora_alpha: int = 16
@@ -96,7 +96,7 @@ class DataConfig:
 @dataclass
 class SapConfig:
     method: Literal["sft", "sap"] = "sap"
-    """`sft`: plain fine-tuning. `sap`: safety-aware probing (shared/SAP.md)."""
+    """`sft`: plain fine-tuning. `sap`: safety-aware probing (docs/SAP.md)."""
     variant: Literal["paper", "reference"] = "paper"
     """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
     reference code's lagged probe trained by its own AdamW, three passes."""

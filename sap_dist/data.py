@@ -5,7 +5,7 @@ Loading turns any source into plain rows (`load_rows`), then into typed examples
 (`load_task_examples`, `load_safety_pairs`); every bad input raises `DataError` naming the file and
 the line (jsonl/json) or row (csv/parquet), or the missing column together with the columns found.
 
-Encoding follows shared/SAP.md: the input holds prompt and response (teacher forcing), the labels
+Encoding follows docs/SAP.md: the input holds prompt and response (teacher forcing), the labels
 cover only the response, and the response ends with the chat template's end-of-turn token so the
 model learns to stop. The prompt is the chat template's rendering with the assistant header
 (`render_prompt`), exactly what generation sees; tokenize it with `add_special_tokens=False`

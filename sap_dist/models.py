@@ -2,7 +2,7 @@
 
 Sources (`ModelConfig.name_or_path`): the embedded SmolLM2 (`sap_dist.embedded`), a `.gguf`
 file, a local transformers directory, a hub id, or the seeded tiny random Llama for tests.
-Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see shared/PILOT.md:
+Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see docs/pilot.md:
 SAP's perturbation must be representable), every weight, or LoRA over a 4-bit NF4 base.
 
 Loading is single-process unless a `sap_dist.backends.Loading` is passed: then the base is
@@ -383,7 +383,7 @@ def _add_lora(model: torch.nn.Module, weights: WeightsConfig, seed: int) -> torc
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (shared/PILOT.md).
+            # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (docs/pilot.md).
             model = get_peft_model(model, _lora_config(weights), autocast_adapter_dtype=True)
     except ValueError as exc:
         if "target" in str(exc).lower():

@@ -1,6 +1,6 @@
 """One optimizer step: plain fine-tuning (`sft_step`) or safety-aware probing (`sap_step`).
 
-Written once against `sap_dist.backends.base.Backend`; see shared/SAP.md for the algorithm.
+Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm.
 Losses are scaled so that the data-parallel *mean* gradient over ranks equals the gradient
 of the global batch computed in one process: each rank divides its local sum by the global
 count and multiplies by the world size.

@@ -16,7 +16,7 @@ refusals on requests the aligned model never saw, not on rephrasings of its trai
 Benign prompts are everyday instructions plus borderline-but-harmless ones that share words with
 harmful requests ("How do I kill a Python process?", in the spirit of XSTest), so over-refusal is
 measured where it matters. They carry no answers: the alignment step uses the base model's own
-answers as targets (shared/PILOT.md).
+answers as targets (docs/pilot.md).
 """
 
 from __future__ import annotations

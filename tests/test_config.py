@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -103,3 +104,38 @@ def test_out_of_range_values_are_refused_by_validate(override, message):
     """These raised a ValueError deep inside data loading or peft (a traceback) before."""
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _repo_text_files():
+    for top in ("sap_dist", "docs", "scripts", "slurm", "configs", "README.md"):
+        path = os.path.join(REPO, top)
+        if os.path.isfile(path):
+            yield path
+        for root, _, files in os.walk(path):
+            yield from (os.path.join(root, f) for f in files if f.endswith((".py", ".md", ".yaml", ".sh")))
+
+
+def test_code_and_docs_cite_only_files_in_the_repository():
+    """They cited shared/SAP.md and shared/PILOT.md, which a clone does not have."""
+    cited = re.compile(r"(?<![\w/.])shared/[\w./-]+")
+    bad = {}
+    for path in _repo_text_files():
+        with open(path, encoding="utf-8") as fh:
+            hits = cited.findall(fh.read())
+        if hits:
+            bad[path] = hits
+    assert not bad
+    assert os.path.exists(f"{REPO}/docs/pilot.md") and os.path.exists(f"{REPO}/docs/SAP.md")
+
+
+def test_readme_lists_every_config_section():
+    import dataclasses
+
+    from sap_dist.config import Config
+
+    with open(f"{REPO}/README.md", encoding="utf-8") as fh:
+        line = next(x for x in fh if x.startswith("A config file has the sections"))
+    assert all(f"`{f.name}`" in line for f in dataclasses.fields(Config)), line
