@@ -362,9 +362,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        _apply(cfg, key.strip().lstrip("-"), yaml.safe_load(value) if value.strip() else value, "command line")
+        key = key.strip().lstrip("-")
+        if key in REFUSED_FLAGS:
+            raise ConfigError(f"{key} is not a sap-dist key: {REFUSED_FLAGS[key]}")
+        _apply(cfg, COMMAND_LINE_ALIASES.get(key, key), yaml.safe_load(value) if value.strip() else value, "command line")
     validate(cfg)
     return cfg
+
+
+COMMAND_LINE_ALIASES = {"model": "model.name_or_path", "model_name_or_path": "model.name_or_path"}
+"""Flags users bring from other trainers (`--model x`), mapped to the key they mean."""
+
+REFUSED_FLAGS = {
+    "per_device_train_batch_size": "train.batch_size is the global batch over all data-parallel ranks (each takes "
+                                   "train.batch_size / ranks rows); set train.batch_size to the per-device size times "
+                                   "the number of ranks",
+}
+"""Flags from other trainers whose meaning sap-dist's keys do not share, with the reason."""
 
 
 def parse_overrides(argv: list[str]) -> list[str]:

@@ -139,3 +139,13 @@ def test_readme_lists_every_config_section():
     with open(f"{REPO}/README.md", encoding="utf-8") as fh:
         line = next(x for x in fh if x.startswith("A config file has the sections"))
     assert all(f"`{f.name}`" in line for f in dataclasses.fields(Config)), line
+
+
+def test_flags_from_other_trainers_map_or_are_refused_with_the_reason():
+    """--model x suggested model.dtype; --per_device_train_batch_size was suggested as the global
+    train.batch_size, a different quantity."""
+    assert load_config("tiny", parse_overrides(["--model", "some/model"])).model.name_or_path == "some/model"
+    assert load_config("tiny", parse_overrides(["--model_name_or_path", "x"])).model.name_or_path == "x"
+    with pytest.raises(ConfigError, match="per_device_train_batch_size is not a sap-dist key: train.batch_size is "
+                                          "the global batch"):
+        load_config("tiny", parse_overrides(["--per_device_train_batch_size", "4"]))
