@@ -298,7 +298,10 @@ def describe_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0])
+    from sap_dist.cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     d = AlignSettings()
     p.add_argument("--out", required=True, help="output directory (model/, align_report.json, ...)")
     p.add_argument("--model", default=d.model)

@@ -327,6 +327,11 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(section, name, _coerce(value, hints[name], key, where))
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in `sap_dist/configs/` (usable as --config NAME)."""
+    return sorted(p[:-5] for p in os.listdir(os.path.join(os.path.dirname(__file__), "configs")) if p.endswith(".yaml"))
+
+
 def resolve_config_path(path_or_preset: str) -> str:
     """A config file path, or the name of a preset shipped in `sap_dist/configs/`."""
     if os.path.exists(path_or_preset):
@@ -455,7 +460,7 @@ def describe(cfg_type: type = Config) -> str:
         hints = typing.get_type_hints(type(section_obj))
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(section_obj):
-            hint = str(hints[f.name]).replace("typing.", "")
+            hint = hints[f.name].__name__ if isinstance(hints[f.name], type) else str(hints[f.name]).replace("typing.", "")
             lines.append(f"  {section.name}.{f.name} = {getattr(section_obj, f.name)!r}  ({hint})")
             if docs.get(f.name):
                 lines.append("      " + " ".join(docs[f.name].split()))

@@ -286,7 +286,10 @@ def summary_line(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0])
+    from sap_dist.cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", help="model to evaluate (or the base of --adapter): any model.name_or_path the trainer "
                                    f"accepts (default: the base recorded in --adapter's run, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="a trainer output directory (adapter or full weights) to load on --model")

@@ -363,12 +363,21 @@ def _lr_factor(optim: OptimizerSpec, step: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sap_dist.config import preset_names
+
     parser = argparse.ArgumentParser(
-        prog="sap-dist train",
-        description="Fine-tune with plain SFT or SAP. Overrides: section.key=value or --section.key value.",
-        epilog="Run `sap-dist train --help-config` for every key with its default and meaning.",
+        prog="sap-dist train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune with plain SFT or SAP.\n\n"
+                    "Every setting is a config key section.key (sections: model, weights, data, sap, train, dist,\n"
+                    "checkpoint). Set it in a YAML file given with --config, or override it on the command line\n"
+                    "as section.key=value or --section.key value (the command line wins). For example:\n"
+                    "  sap-dist train --config tiny train.max_steps=10 --sap.rho 0.1\n"
+                    "  sap-dist train --config my.yaml --model HuggingFaceTB/SmolLM2-135M-Instruct",
+        epilog="Every key with its type, default and meaning: `sap-dist config` (or --help-config). The resolved "
+               "config of a command line, without training: `sap-dist config --config FILE [overrides]`.",
     )
-    parser.add_argument("--config", help="YAML config file, or a preset name (quick, smoke, tiny)")
+    parser.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(preset_names())}); "
+                                          "default: built-in defaults only")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
     return parser
 
