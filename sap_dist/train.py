@@ -138,6 +138,19 @@ def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
     return task, task_stats, safety, safety_stats
 
 
+def data_report(cfg: Config, task_stats, safety_stats) -> str:
+    """What encoding did to the data, said before training (it was only in summary.json)."""
+    d = cfg.data
+    policy = ("cut: the prompt's start, then the response's end" if d.truncation == "truncate"
+              else "skipped")
+    parts = [f"{d.task}: {task_stats.total} examples, {task_stats.truncated} truncated, {task_stats.dropped} dropped "
+             f"(data.max_length={d.max_length})"]
+    if safety_stats is not None:
+        parts.append(f"{d.safety}: {safety_stats.total} pairs, {safety_stats.truncated} truncated, "
+                     f"{safety_stats.dropped} dropped (data.safety_max_length={d.safety_max_length})")
+    return f"data: {'; '.join(parts)}; too-long rows are {policy} (data.truncation={d.truncation})"
+
+
 def _total_steps(cfg: Config, n_examples: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
@@ -222,6 +235,8 @@ def train_model(cfg: Config) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     _setup_chat_template(tokenizer)
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
+    if rank == 0:
+        print(data_report(cfg, task_stats, safety_stats), file=sys.stderr, flush=True)
     total_steps = _total_steps(cfg, len(task))
 
     # The backend is chosen (and the process group joined) before the model is loaded, so a

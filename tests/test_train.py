@@ -197,6 +197,16 @@ def test_saved_files_follow_the_umask(tmp_path):
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
 
 
+def test_truncation_is_reported_before_training(tmp_path, capsys):
+    """The tiny preset truncates some task rows and safety pairs: that was only in summary.json."""
+    summary = run(tiny(tmp_path, "train.max_steps=1"))
+    err = capsys.readouterr().err
+    assert summary["task_truncated"] > 0 and summary["safety_truncated"] > 0  # there is something to say
+    assert (f"builtin:task: {summary['task_examples']} examples, {summary['task_truncated']} truncated, 0 dropped "
+            f"(data.max_length=64)") in err
+    assert f"{summary['safety_truncated']} truncated" in err and "(data.truncation=truncate)" in err
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
