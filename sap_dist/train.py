@@ -29,6 +29,7 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STO
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
+from sap_dist.noise import quiet_third_party
 from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
 from sap_dist.run_files import clear_previous_run, share_run_files
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(preset_names())}); "
                                           "default: built-in defaults only")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party warnings too (bitsandbytes, transformers deprecations); "
+                             "also SAP_DIST_VERBOSE=1")
     return parser
 
 
@@ -403,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(describe())
         return 0
+    quiet_third_party(args.verbose)
     try:
         cfg = load_config(args.config, parse_overrides(rest))
         summary = run(cfg)

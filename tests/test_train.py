@@ -207,6 +207,19 @@ def test_truncation_is_reported_before_training(tmp_path, capsys):
     assert f"{summary['safety_truncated']} truncated" in err and "(data.truncation=truncate)" in err
 
 
+def test_third_party_noise_is_kept_off_the_console_unless_verbose(tmp_path):
+    """Every run printed bitsandbytes' kernels message and a transformers FutureWarning."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    env.pop("SAP_DIST_VERBOSE", None)
+    cmd = [sys.executable, "-m", "sap_dist.train", "--config", "tiny", "train.progress_bar=false", "train.max_steps=1"]
+    quiet = subprocess.run(cmd + [f"train.output_dir={tmp_path}/quiet"], env=env, capture_output=True, text=True, timeout=300)
+    loud = subprocess.run(cmd + [f"train.output_dir={tmp_path}/loud", "--verbose"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr[-2000:]
+    assert "FutureWarning" in loud.stderr  # this environment has some to hide
+    assert "FutureWarning" not in quiet.stderr and "gemm_4bit_forward" not in quiet.stderr, quiet.stderr
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
