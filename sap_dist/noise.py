@@ -12,6 +12,11 @@ QUIET_LOGGERS = (
     # load CPU gemm_4bit_forward from kernels-community" (a slower fallback is used; QLoRA only)
     "bitsandbytes.backends.cpu.ops",
 )
+QUIET_LOG_MESSAGES = {
+    # DeepSpeed, on stdout at import: "Setting accelerator to CPU. If you have GPU or other
+    # accelerator, we were unable to detect it." / "Setting ds_accelerator to cpu (auto detect)"
+    "DeepSpeed": ("Setting accelerator to", "Setting ds_accelerator to"),
+}
 QUIET_WARNINGS = (
     # transformers' own deprecations, raised inside transformers (nothing sap-dist's user can change)
     (r"", FutureWarning, r"transformers(\.|$)"),
@@ -28,5 +33,7 @@ def quiet_third_party(verbose: bool = False) -> None:
         return
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, starts in QUIET_LOG_MESSAGES.items():  # a filter set before the import survives it
+        logging.getLogger(name).addFilter(lambda record, starts=starts: not record.getMessage().startswith(starts))
     for message, category, module in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -220,6 +220,16 @@ def test_third_party_noise_is_kept_off_the_console_unless_verbose(tmp_path):
     assert "FutureWarning" not in quiet.stderr and "gemm_4bit_forward" not in quiet.stderr, quiet.stderr
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_deepspeed_accelerator_line_is_kept_off_stdout(verbose):
+    """Importing DeepSpeed printed 'Setting accelerator to CPU ...' on stdout, among the results."""
+    code = f"from sap_dist.noise import quiet_third_party; quiet_third_party({verbose}); import deepspeed"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    env.pop("SAP_DIST_VERBOSE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    assert ("Setting accelerator to" in out or "Setting ds_accelerator to" in out) == verbose, out
+
+
 def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
     with pytest.raises(ConfigError, match="fewer than train.batch_size=4"):
         run(tiny(tmp_path, "data.task_limit=3"))
