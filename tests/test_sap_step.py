@@ -1,6 +1,7 @@
 """The SAP step against an independent computation from torch.autograd.grad (in float64 where
-the step cancels nearly equal gradients), on a tiny fp32 Llama with LoRA. The reference computation here implements the probe as a bias on
-`mlp.down_proj` and the optimizer by hand-built AdamW, so it shares no code with sap_dist.sap.
+the step cancels nearly equal gradients), on a tiny fp32 Llama with LoRA. The reference
+computation here implements the probe as a bias on `mlp.down_proj` and the optimizer by
+hand-built AdamW, so it shares no code with sap_dist.sap.
 """
 
 from __future__ import annotations
