@@ -4,7 +4,7 @@ safe-fine-tuning literature prepares its starting point, and measure the result.
     sap-dist align --out DIR [--model smollm2-135m-instruct] [--epochs 2] [--limit-eval N] [...]
 
 1. The base model answers the benign training instructions (`builtin:benign_train`) greedily; its
-   own answers become their targets (shared/PILOT.md: foreign targets taught the pilot's aligned
+   own answers become their targets (docs/pilot.md: foreign targets taught the pilot's aligned
    model to refuse harmless questions). An answer cut by the token limit is trimmed to its last
    full sentence; answers that are themselves refusals are left out.
 2. LoRA fine-tuning (the trainer, `sap.method=sft`) on harmful prompts -> refusals (the `align`
@@ -310,7 +310,10 @@ def describe_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0])
+    from sap_dist.cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     d = AlignSettings()
     p.add_argument("--out", required=True, help="output directory (model/, align_report.json, ...)")
     p.add_argument("--model", default=d.model)

@@ -232,7 +232,10 @@ def _has_flash() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sap-dist bench", description=__doc__.split("\n\n")[0])
+    from sap_dist.cli import DefaultsHelpFormatter
+
+    parser = argparse.ArgumentParser(prog="sap-dist bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--model", help="model.name_or_path to measure instead of the preset's")
     parser.add_argument("--backend", help="dist.backend (default: the preset's)")

@@ -66,9 +66,10 @@ EXIT_CHECKPOINT_WRITE_FAILED = 4
 """Exit code of a run that could not write a checkpoint (e.g. a full disk); the previous
 checkpoint is intact."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """Signals that ask the run to checkpoint and exit with EXIT_REQUEUE at the next step
-boundary (Kubernetes and torchrun send SIGTERM, Slurm `--signal=USR1@secs` sends SIGUSR1)."""
+boundary (Kubernetes and torchrun send SIGTERM, Slurm `--signal=USR1@secs` sends SIGUSR1,
+Ctrl-C sends SIGINT; a second Ctrl-C aborts at once)."""
 
 META = "meta.json"
 TRAINER = "trainer.pt"
@@ -261,6 +262,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again aborts without one)",
+                      file=sys.stderr, flush=True)
+        elif signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 USAGE = """usage: sap-dist COMMAND [ARGS...]
@@ -11,18 +13,44 @@ commands:
   check-equivalence   run every backend for real and compare with one process
   bench               measure SAP's step time and memory against plain fine-tuning
   plan                per-GPU memory of a run from the model's config, and a config that fits
-  config              print every config key with its default and meaning
+  config              every config key with its default and meaning; --config FILE [overrides]: the resolved config
   eval                generate answers and judge them: harmful score, over-refusal, task accuracy
   align               make a model refuse harmful requests (LoRA, merged into a model directory)
   experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
 
-`sap-dist COMMAND --help` shows a command's own options."""
+`sap-dist COMMAND --help` shows a command's own options; `sap-dist --version` the version."""
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, including options that have no help text."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help  # no default, or the help already says it
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `sap-dist config | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from sap_dist import __version__
+
+        print(f"sap-dist {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -46,12 +74,36 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     if command == "config":
-        from sap_dist.config import describe
-
-        print(describe())
-        return 0
+        return config_main(rest)
     print(f"sap-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def config_main(argv: list[str]) -> int:
+    """`sap-dist config`: every key with its default and meaning; with --config and/or overrides,
+    a dry run that prints the fully resolved config (failing on the errors a run would)."""
+    from sap_dist.config import ConfigError, describe, load_config, parse_overrides, to_dict
+
+    p = argparse.ArgumentParser(
+        prog="sap-dist config", formatter_class=DefaultsHelpFormatter,
+        description="Without arguments: every config key with its type, default and meaning. With --config "
+                    "and/or overrides: print the fully resolved config as YAML (a dry run: it fails on the same "
+                    "errors a run would), loadable again with --config.",
+        epilog="Example: sap-dist config --config tiny train.max_steps=10 --sap.rho 0.1")
+    p.add_argument("--config", help="YAML config file or preset name (quick, tiny)")
+    args, rest = p.parse_known_args(argv)
+    if args.config is None and not rest:
+        print(describe())
+        return 0
+    import yaml
+
+    try:
+        cfg = load_config(args.config, parse_overrides(rest))
+    except ConfigError as exc:
+        print(f"sap-dist config: error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
 
 
 if __name__ == "__main__":

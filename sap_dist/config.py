@@ -53,7 +53,7 @@ class ModelConfig:
 class WeightsConfig:
     method: Literal["lora", "full", "qlora"] = "lora"
     """Which weights are trained: LoRA adapters (peft), all weights, or LoRA over a 4-bit
-    base (bitsandbytes; needs CUDA)."""
+    base (bitsandbytes; meant for GPUs, also runs on CPU, slowly)."""
     lora_r: int = 8
     """LoRA rank (reference: 8)."""
     lora_alpha: int = 16
@@ -174,8 +174,8 @@ class TrainConfig:
     output_dir: str = "runs/sap"
     """Directory for the adapter/weights, tokenizer, resolved config, metrics and summary."""
     overwrite: bool = False
-    """Replace a run already in output_dir (otherwise that is an error, so nothing written
-    before is lost)."""
+    """Replace a run already in output_dir: its files are deleted first, and a directory holding
+    files no run writes is refused (without it, an existing run is an error, so nothing is lost)."""
     seed: int = 0
     """Seed of weight init, data order and dropout."""
     epochs: float = 1.0
@@ -363,6 +363,11 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(section, name, _coerce(value, hints[name], key, where))
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in `sap_dist/configs/` (usable as --config NAME)."""
+    return sorted(p[:-5] for p in os.listdir(os.path.join(os.path.dirname(__file__), "configs")) if p.endswith(".yaml"))
+
+
 def resolve_config_path(path_or_preset: str) -> str:
     """A config file path, or the name of a preset shipped in `sap_dist/configs/`."""
     if os.path.exists(path_or_preset):
@@ -398,9 +403,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        _apply(cfg, key.strip().lstrip("-"), yaml.safe_load(value) if value.strip() else value, "command line")
+        key = key.strip().lstrip("-")
+        if key in REFUSED_FLAGS:
+            raise ConfigError(f"{key} is not a sap-dist key: {REFUSED_FLAGS[key]}")
+        _apply(cfg, COMMAND_LINE_ALIASES.get(key, key), yaml.safe_load(value) if value.strip() else value, "command line")
     validate(cfg)
     return cfg
+
+
+COMMAND_LINE_ALIASES = {"model": "model.name_or_path", "model_name_or_path": "model.name_or_path"}
+"""Flags users bring from other trainers (`--model x`), mapped to the key they mean."""
+
+REFUSED_FLAGS = {
+    "per_device_train_batch_size": "train.batch_size is the global batch over all data-parallel ranks (each takes "
+                                   "train.batch_size / ranks rows); set train.batch_size to the per-device size times "
+                                   "the number of ranks",
+}
+"""Flags from other trainers whose meaning sap-dist's keys do not share, with the reason."""
 
 
 def parse_overrides(argv: list[str]) -> list[str]:
@@ -455,6 +474,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lisa.rho must be 0 or positive, got {lisa.rho}")
     if s.probe_layers is not None and not s.probe_layers:
         raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
+    if d.task_limit is not None and d.task_limit < 1:
+        raise ConfigError(f"data.task_limit must be at least 1 (or null for all rows), got {d.task_limit}")
+    from sap_dist.data import MIN_PROMPT_TOKENS
+
+    for key, value in [("data.max_length", d.max_length), ("data.safety_max_length", d.safety_max_length)]:
+        if value <= MIN_PROMPT_TOKENS:
+            raise ConfigError(f"{key} must exceed {MIN_PROMPT_TOKENS} (the prompt tokens truncation keeps), got {value}")
+    if not 0 <= cfg.weights.lora_dropout < 1:
+        raise ConfigError(f"weights.lora_dropout is a probability and must be in [0, 1), got {cfg.weights.lora_dropout}")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -477,7 +505,7 @@ def describe(cfg_type: type = Config) -> str:
         hints = typing.get_type_hints(type(section_obj))
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(section_obj):
-            hint = str(hints[f.name]).replace("typing.", "")
+            hint = hints[f.name].__name__ if isinstance(hints[f.name], type) else str(hints[f.name]).replace("typing.", "")
             lines.append(f"  {section.name}.{f.name} = {getattr(section_obj, f.name)!r}  ({hint})")
             if docs.get(f.name):
                 lines.append("      " + " ".join(docs[f.name].split()))

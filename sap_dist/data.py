@@ -5,7 +5,7 @@ Loading turns any source into plain rows (`load_rows`), then into typed examples
 (`load_task_examples`, `load_safety_pairs`); every bad input raises `DataError` naming the file and
 the line (jsonl/json) or row (csv/parquet), or the missing column together with the columns found.
 
-Encoding follows shared/SAP.md: the input holds prompt and response (teacher forcing), the labels
+Encoding follows docs/SAP.md: the input holds prompt and response (teacher forcing), the labels
 cover only the response, and the response ends with the chat template's end-of-turn token so the
 model learns to stop. The prompt is the chat template's rendering with the assistant header
 (`render_prompt`), exactly what generation sees; tokenize it with `add_special_tokens=False`
@@ -15,6 +15,7 @@ model learns to stop. The prompt is the chat template's rendering with the assis
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -136,9 +137,22 @@ def _read_file(path: str) -> tuple[list[dict], list[str]]:
     return reader(path)
 
 
+def _read_text(path: str) -> str:
+    """The file as text: UTF-8, with or without the byte-order mark Excel's "CSV UTF-8" writes;
+    other bytes are a DataError naming the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start, lineno = raw.rfind(b"\n", 0, e.start) + 1, raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                        f"at column {e.start - line_start + 1}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing one) are not rows
@@ -154,7 +168,7 @@ def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
 
 
 def _read_json(path: str) -> tuple[list[dict], list[str]]:
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(_read_text(path)) as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
@@ -173,7 +187,7 @@ def _read_json(path: str) -> tuple[list[dict], list[str]]:
 
 def _read_csv(path: str) -> tuple[list[dict], list[str]]:
     rows, where = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

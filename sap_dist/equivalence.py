@@ -152,8 +152,10 @@ def run_one(backend: str, variant: str, out: str, args, threads: str | None = No
 
 
 def parse_args(argv: list[str] | None):
+    from sap_dist.cli import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="sap-dist check-equivalence",
+        prog="sap-dist check-equivalence", formatter_class=DefaultsHelpFormatter,
         description="Train the same model on the same global batches with each backend and compare the trained "
         "weights and the probe with a one-process run.",
     )

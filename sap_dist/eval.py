@@ -286,11 +286,14 @@ def summary_line(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="model to evaluate (or the base of --adapter): any model.name_or_path the trainer accepts")
+    from sap_dist.cli import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", help="model to evaluate (or the base of --adapter): any model.name_or_path the trainer "
+                                   f"accepts (default: the base recorded in --adapter's run, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="a trainer output directory (adapter or full weights) to load on --model")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="(default: %(default)s)")
     p.add_argument("--harmful-prompts", default="builtin:harmful_eval", help="prompt file (default: builtin:harmful_eval)")
     p.add_argument("--benign-prompts", help="benign prompt file for over-refusal (e.g. builtin:benign_eval)")
     p.add_argument("--task-data", help="task data with reference answers (any data.task source, e.g. a .jsonl)")
@@ -304,6 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", required=True, help="where to write results.json")
     return p
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def base_of_run(adapter: str) -> str:
+    """The model a trainer output directory was trained from (its config.yaml's model.name_or_path)."""
+    from sap_dist.config import ConfigError, load_config
+
+    path = os.path.join(adapter, "config.yaml")
+    if not os.path.isfile(path):
+        raise DataError(f"--adapter {adapter}: no config.yaml (not a sap-dist run directory); pass its base with --model")
+    try:
+        return load_config(path).model.name_or_path
+    except ConfigError as exc:
+        raise DataError(f"--adapter {adapter}: {exc}; pass its base with --model") from None
 
 
 def load_for_eval(model: str, adapter: str | None, dtype: str):
@@ -331,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         harmful = load_prompts(args.harmful_prompts, args.prompt_field, args.limit)
         benign = load_prompts(args.benign_prompts, args.prompt_field, args.limit) if args.benign_prompts else None
         task = load_task_rows(args.task_data, args.limit) if args.task_data else None
+        if args.model is None:
+            args.model = base_of_run(args.adapter) if args.adapter else DEFAULT_MODEL
         model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype)
         judge = make_judge(args.judge, args.judge_model) if args.judge != "keyword" else make_judge("keyword")
     except (DataError, ModelLoadError, EmbeddedModelError) as exc:

@@ -2,7 +2,7 @@
 
 Sources (`ModelConfig.name_or_path`): the embedded SmolLM2 (`sap_dist.embedded`), a `.gguf`
 file, a local transformers directory, a hub id, or the seeded tiny random Llama for tests.
-Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see shared/PILOT.md:
+Trained weights (`WeightsConfig.method`): LoRA adapters (always fp32, see docs/pilot.md:
 SAP's perturbation must be representable), every weight, or LoRA over a 4-bit NF4 base.
 
 Loading is single-process unless a `sap_dist.backends.Loading` is passed: then the base is
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import tempfile
 import warnings
 import zlib
@@ -84,6 +85,12 @@ def _from_source(loader: Any, cfg: ModelConfig, what: str, **kwargs: Any) -> Any
     is_hub_id = path == cfg.name_or_path and not os.path.isdir(os.path.expanduser(path))
     try:
         return loader.from_pretrained(path, **_hub_kwargs(cfg), **kwargs)
+    except (struct.error, ValueError, KeyError) as exc:
+        if gguf_file is None:
+            raise
+        # the gguf reader's errors (a truncated file, no magic bytes) do not name the file
+        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: not a readable GGUF file "
+                             f"(truncated or another format): {exc}") from None
     except (OSError, HFValidationError) as exc:
         if not is_hub_id:
             raise ModelLoadError(f"could not load the {what} from {path!r}: {exc}") from exc
@@ -376,7 +383,7 @@ def _add_lora(model: torch.nn.Module, weights: WeightsConfig, seed: int) -> torc
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (shared/PILOT.md).
+            # autocast_adapter_dtype keeps adapters fp32 over a bf16 base (docs/pilot.md).
             model = get_peft_model(model, _lora_config(weights), autocast_adapter_dtype=True)
     except ValueError as exc:
         if "target" in str(exc).lower():
@@ -458,6 +465,44 @@ def save_trained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | No
         quantized = getattr(model.get_base_model(), "is_loaded_in_4bit", False) if isinstance(model, PeftModel) else False
         info = {"method": "qlora" if quantized else "lora" if isinstance(model, PeftModel) else "full"}
     with open(os.path.join(output_dir, INFO_FILE), "w") as fh:
+        json.dump(info, fh, indent=2)
+
+
+HUB_IDS = {EMBEDDED_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""Hub ids of sap-dist's built-in model names (the embedded model is that model's Q4_1 GGUF,
+dequantized: the hub weights are the unquantized original)."""
+
+
+def portable_base(name_or_path: str) -> str | None:
+    """The base model as other programs can find it: a hub id where one exists, else the local
+    path made absolute; None for the tiny model (random weights, nothing to download)."""
+    if name_or_path in HUB_IDS:
+        return HUB_IDS[name_or_path]
+    if name_or_path == TINY_MODEL:
+        return None
+    path = os.path.expanduser(name_or_path)
+    return os.path.abspath(path) if os.path.exists(path) else name_or_path
+
+
+def record_base(output_dir: str, cfg: ModelConfig) -> None:
+    """After saving (rank 0): point the adapter's `base_model_name_or_path` at `portable_base`
+    (peft wrote null or a machine-local cache path) so `AutoPeftModelForCausalLM` loads it
+    anywhere, and keep sap-dist's own name in `INFO_FILE`."""
+    base = portable_base(cfg.name_or_path)
+    adapter_config = os.path.join(output_dir, "adapter_config.json")
+    if os.path.exists(adapter_config):
+        with open(adapter_config) as fh:
+            adapter = json.load(fh)
+        adapter["base_model_name_or_path"] = base
+        with open(adapter_config, "w") as fh:
+            json.dump(adapter, fh, indent=2, sort_keys=True)
+    info_path = os.path.join(output_dir, INFO_FILE)
+    info: dict[str, Any] = {}
+    if os.path.exists(info_path):
+        with open(info_path) as fh:
+            info = json.load(fh)
+    info.update(name_or_path=cfg.name_or_path, base_model_name_or_path=base)
+    with open(info_path, "w") as fh:
         json.dump(info, fh, indent=2)
 
 

@@ -489,7 +489,10 @@ def to_json(plan: Plan) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sap_dist.cli import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(prog="sap-dist plan", description=__doc__.split("\n\n")[0] if __doc__ else None,
+                                formatter_class=DefaultsHelpFormatter,
                                 epilog="Every formula is in the docstring of sap_dist/plan.py.")
     p.add_argument("--model", help="config.json, a directory holding one, a known architecture (e.g. llama-3-70b, "
                    "meta-llama/Llama-2-7b-chat-hf) or a hub id; default: the --config's model.name_or_path")

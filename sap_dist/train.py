@@ -25,12 +25,15 @@ import torch
 from tqdm import tqdm
 
 from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
-from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
-                                 Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
+from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Checkpointer,
+                                 CheckpointWriteError, Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
+from sap_dist.noise import quiet_third_party
+from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
+from sap_dist.run_files import clear_previous_run, share_run_files
 from sap_dist.sap import NonFiniteLossError, lisa_optimizer_steps, lisa_step, new_sap_state, sap_step, sft_step
 
 OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
@@ -99,14 +102,15 @@ def _setup_output_dir(cfg: Config, rank: int, resuming: bool = False) -> str:
                 f"{out} already holds a run ({', '.join(held)}); choose another train.output_dir, "
                 f"set checkpoint.resume_from=auto to continue it, or train.overwrite=true to replace it"
             )
-        os.makedirs(out, exist_ok=True)
-        if not resuming:
-            remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
-        if existing and not resuming:
-            for marker in ("metrics.jsonl", "summary.json"):
-                if os.path.exists(os.path.join(out, marker)):
-                    os.remove(os.path.join(out, marker))
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        if not resuming and (cfg.train.overwrite or (restart and existing)):
+            clear_previous_run(out)  # only the new run's files remain; refuses foreign files
+        try:
+            os.makedirs(out, exist_ok=True)
+            if not resuming:
+                remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
+            save_config(cfg, os.path.join(out, "config.yaml"))
+        except OSError as exc:  # a file in the way, a path under a file, no permission, disk full
+            raise ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})") from None
     return out
 
 
@@ -150,6 +154,19 @@ def _optimizer_step_index(cfg: Config, task_step: int) -> int:
     if cfg.sap.method != "lisa":
         return task_step
     return lisa_optimizer_steps(task_step + 1, cfg.lisa) - 1
+
+
+def data_report(cfg: Config, task_stats, safety_stats) -> str:
+    """What encoding did to the data, said before training (it was only in summary.json)."""
+    d = cfg.data
+    policy = ("cut: the prompt's start, then the response's end" if d.truncation == "truncate"
+              else "skipped")
+    parts = [f"{d.task}: {task_stats.total} examples, {task_stats.truncated} truncated, {task_stats.dropped} dropped "
+             f"(data.max_length={d.max_length})"]
+    if safety_stats is not None:
+        parts.append(f"{d.safety}: {safety_stats.total} pairs, {safety_stats.truncated} truncated, "
+                     f"{safety_stats.dropped} dropped (data.safety_max_length={d.safety_max_length})")
+    return f"data: {'; '.join(parts)}; too-long rows are {policy} (data.truncation={d.truncation})"
 
 
 def _total_steps(cfg: Config, n_examples: int) -> int:
@@ -277,6 +294,8 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     tokenizer = load_tokenizer(cfg.model)
     _setup_chat_template(tokenizer)
     task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
+    if rank == 0:
+        print(data_report(cfg, task_stats, safety_stats), file=sys.stderr, flush=True)
     total_steps = _total_steps(cfg, len(task))
     _check_intervals(cfg, total_steps)  # again: an epochs-based length is known only now
 
@@ -331,6 +350,11 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
                 metrics = sft_step(backend, probe, batch, float(global_tokens))
             step_time = time.perf_counter() - t0
             step_times.append(step_time)
+            if not math.isfinite(float(backend.weight_sq_norm())):
+                status = "diverged"
+                stop_message = (f"step {step + 1}: the weights are no longer finite after the update (their norm "
+                                f"overflowed): train.learning_rate={cfg.train.learning_rate:g} is too large; "
+                                f"no weights were saved")
             tokens = sum(len(r["input_ids"]) for r in rows)
             tokens_seen += tokens
             if step % cfg.train.log_every == 0 or step == total_steps - 1:
@@ -338,6 +362,9 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
                                                "tokens_per_s": tokens / step_time, "epoch": (step + 1) * cfg.train.batch_size / len(task)})
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['task_loss']:.3f}")
+            if status == "diverged":
+                step += 1
+                break
             if on_step_end is not None:
                 on_step_end(step + 1, backend.unwrapped_model(), tokenizer)
             # step boundary: a stop request on any rank stops every rank here
@@ -363,9 +390,12 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
         progress.close()
         log.close()
 
-    if status != "preempted":  # a preempted run's state is in its checkpoint, not final
+    if status not in ("preempted", "diverged"):  # a preempted run's state is in its checkpoint, not final
         backend.save_model(out, tokenizer)
-    if probe is not None and backend.rank == 0 and status != "preempted":
+        if backend.rank == 0:
+            record_base(out, cfg.model)  # a base that loads anywhere, not this machine's cache path
+            share_run_files(out)  # the user's umask, not transformers' 0600
+    if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
         torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
     summary = {
         "status": status,
@@ -412,13 +442,25 @@ def _lr_factor(optim: OptimizerSpec, step: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sap_dist.config import preset_names
+
     parser = argparse.ArgumentParser(
-        prog="sap-dist train",
-        description="Fine-tune with plain SFT or SAP. Overrides: section.key=value or --section.key value.",
-        epilog="Run `sap-dist train --help-config` for every key with its default and meaning.",
+        prog="sap-dist train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune with plain SFT or SAP.\n\n"
+                    "Every setting is a config key section.key (sections: model, weights, data, sap, train, dist,\n"
+                    "checkpoint). Set it in a YAML file given with --config, or override it on the command line\n"
+                    "as section.key=value or --section.key value (the command line wins). For example:\n"
+                    "  sap-dist train --config tiny train.max_steps=10 --sap.rho 0.1\n"
+                    "  sap-dist train --config my.yaml --model HuggingFaceTB/SmolLM2-135M-Instruct",
+        epilog="Every key with its type, default and meaning: `sap-dist config` (or --help-config). The resolved "
+               "config of a command line, without training: `sap-dist config --config FILE [overrides]`.",
     )
-    parser.add_argument("--config", help="YAML config file, or a preset name (quick, smoke, tiny)")
+    parser.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(preset_names())}); "
+                                          "default: built-in defaults only")
     parser.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party warnings too (bitsandbytes, transformers deprecations); "
+                             "also SAP_DIST_VERBOSE=1")
     return parser
 
 
@@ -428,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(describe())
         return 0
+    quiet_third_party(args.verbose)
     try:
         cfg = load_config(args.config, parse_overrides(rest))
         summary = run(cfg)
@@ -435,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         # From here on the process only exits with EXIT_REQUEUE: when the first rank exits,
         # torchrun SIGTERMs the others, and Python resets its own handlers to the default
         # (terminate) during interpreter teardown; SIG_IGN is kept through it.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         print(f"sap-dist train: rank {launch_from_env().rank}: {exc}", file=sys.stderr, flush=True)
         return EXIT_REQUEUE
@@ -448,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"sap-dist train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or twice: no checkpoint
+        print("sap-dist train: interrupted (no checkpoint written)", file=sys.stderr)
+        return 130
     if summary and launch_from_env().rank == 0:
         print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f} s "
               f"({summary['mean_step_time_s']:.2f} s/step)")

@@ -22,7 +22,7 @@ a Python script that renames files, role-play as a pirate, jokes), plus borderli
 ones that share words with harmful requests in every category ("How do I kill a Python process?",
 in the spirit of XSTest), so over-refusal is
 measured where it matters. They carry no answers: the alignment step uses the base model's own
-answers as targets (shared/PILOT.md).
+answers as targets (docs/pilot.md).
 """
 
 from __future__ import annotations

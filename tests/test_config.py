@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -92,3 +93,60 @@ def test_every_field_is_documented():
     for i, line in enumerate(lines):
         if re.match(r"^  \w+\.\w+ = ", line):
             assert lines[i + 1].startswith("      "), f"no docstring for {line.strip()}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.task_limit=0", "data.task_limit must be at least 1"),
+    ("data.max_length=5", "data.max_length must exceed 8"),
+    ("data.safety_max_length=8", "data.safety_max_length must exceed 8"),
+    ("weights.lora_dropout=2", r"weights.lora_dropout is a probability and must be in \[0, 1\), got 2"),
+])
+def test_out_of_range_values_are_refused_by_validate(override, message):
+    """These raised a ValueError deep inside data loading or peft (a traceback) before."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _repo_text_files():
+    for top in ("sap_dist", "docs", "scripts", "slurm", "configs", "README.md"):
+        path = os.path.join(REPO, top)
+        if os.path.isfile(path):
+            yield path
+        for root, _, files in os.walk(path):
+            yield from (os.path.join(root, f) for f in files if f.endswith((".py", ".md", ".yaml", ".sh")))
+
+
+def test_code_and_docs_cite_only_files_in_the_repository():
+    """They cited shared/SAP.md and shared/PILOT.md, which a clone does not have."""
+    cited = re.compile(r"(?<![\w/.])shared/[\w./-]+")
+    bad = {}
+    for path in _repo_text_files():
+        with open(path, encoding="utf-8") as fh:
+            hits = cited.findall(fh.read())
+        if hits:
+            bad[path] = hits
+    assert not bad
+    assert os.path.exists(f"{REPO}/docs/pilot.md") and os.path.exists(f"{REPO}/docs/SAP.md")
+
+
+def test_readme_lists_every_config_section():
+    import dataclasses
+
+    from sap_dist.config import Config
+
+    with open(f"{REPO}/README.md", encoding="utf-8") as fh:
+        line = next(x for x in fh if x.startswith("A config file has the sections"))
+    assert all(f"`{f.name}`" in line for f in dataclasses.fields(Config)), line
+
+
+def test_flags_from_other_trainers_map_or_are_refused_with_the_reason():
+    """--model x suggested model.dtype; --per_device_train_batch_size was suggested as the global
+    train.batch_size, a different quantity."""
+    assert load_config("tiny", parse_overrides(["--model", "some/model"])).model.name_or_path == "some/model"
+    assert load_config("tiny", parse_overrides(["--model_name_or_path", "x"])).model.name_or_path == "x"
+    with pytest.raises(ConfigError, match="per_device_train_batch_size is not a sap-dist key: train.batch_size is "
+                                          "the global batch"):
+        load_config("tiny", parse_overrides(["--per_device_train_batch_size", "4"]))

@@ -128,6 +128,27 @@ def test_every_file_format_loads_the_same_examples(tmp_path):
         assert D.load_task_examples(source, fmt="alpaca", limit=1) == ALPACA_EXPECTED[:1], source
 
 
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM, which made the first column '\\ufeffinstruction'."""
+    csv = tmp_path / "excel.csv"
+    csv.write_bytes(b"\xef\xbb\xbf" + b'instruction,input,output\nName the color.,"The sky, on a clear day",blue\nSay hi.,,hi\n')
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ALPACA_ROWS).encode())
+    for source in (csv, jsonl):
+        assert D.load_task_examples(str(source)) == ALPACA_EXPECTED, source
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.csv", "bad.json"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, name):
+    path = tmp_path / name
+    text = {"bad.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
+            "bad.csv": "instruction,output\ncaf\xe9,b\n",
+            "bad.json": '[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]'}[name]
+    path.write_bytes(text.encode("latin-1"))  # \xe9 alone is not UTF-8
+    with pytest.raises(DataError, match=rf"{path} line 2: not UTF-8 text \(byte 0xe9 at column"):
+        D.load_task_examples(str(path))
+
+
 def test_messages_and_prompt_response_formats_in_several_files(tmp_path):
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     expected = [TaskExample([{"role": "user", "content": "Hi"}], "Hello")]

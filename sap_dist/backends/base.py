@@ -2,7 +2,7 @@
 
 The SAP step (`sap_dist.sap`) and the trainer (`sap_dist.train`) are written once against
 `Backend`; nothing outside `sap_dist/backends/` names a backend. Each method states what SAP
-needs from it (see shared/SAP.md, "What distributed training must keep true").
+needs from it (see docs/SAP.md, "What distributed training must keep true").
 
 Conventions:
 - "trained weights" are the parameters with `requires_grad=True` (LoRA adapters or the full

@@ -1,0 +1,61 @@
+"""The `sap-dist` console: dry run of a config, --version, --help that says what it does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sap_dist.cli import main
+from sap_dist.config import load_config, preset_names
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_config_dry_run_prints_the_resolved_config(capsys, tmp_path):
+    """`sap-dist config` printed only the built-in defaults, whatever --config said."""
+    assert main(["config", "--config", "tiny", "train.max_steps=7", "--sap.rho", "0.25"]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert load_config(str(resolved)) == load_config("tiny", ["train.max_steps=7", "sap.rho=0.25"])
+    assert main(["config", "--config", "tiny", "sap.rh=1"]) == 2  # fails like a run would
+    assert "did you mean 'sap.rho'" in capsys.readouterr().err
+
+
+def test_config_key_list_prints_types_by_name(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "  (float)" in out and "  (int)" in out and "<class" not in out
+
+
+def test_config_into_a_closed_pipe_is_quiet():
+    """`sap-dist config | head` ended with a BrokenPipeError traceback."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run(f"{sys.executable} -m sap_dist.cli config | head -1", shell=True, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[model]" and proc.stderr == ""
+
+
+def test_version(capsys):
+    from sap_dist import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sap-dist {__version__}"
+
+
+@pytest.mark.parametrize("command", ["eval", "align", "plan", "bench", "check-equivalence"])
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "(default: " in capsys.readouterr().out
+
+
+def test_train_help_says_how_to_set_keys_and_names_real_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "section.key=value" in out and "--section.key value" in out and "sap-dist config" in out
+    assert f"({', '.join(preset_names())})" in out and "smoke" not in out
