@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
 from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
-                                 Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
+                                 Preempted, RunLock, StopRequest, clear_requeue_marker, preempt_exit_code,
+                                 watch_launcher, write_requeue_marker, checkpoint_dir, data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
@@ -206,7 +207,26 @@ def run(cfg: Config) -> dict:
 
 
 def train_model(cfg: Config) -> TrainResult:
-    """Train according to `cfg`; returns the summary and the trained model."""
+    """Train according to `cfg`; returns the summary and the trained model. Rank 0 holds the
+    run directory's lock for the life of the run; a run stopped by a stop request leaves the
+    requeue marker there (REQUEUE_MARKER) for the batch script."""
+    launcher_pid = watch_launcher()  # first thing: a worker whose torchrun dies stops too
+    out = cfg.train.output_dir
+    lock = RunLock(out).acquire() if launch_from_env().rank == 0 else None
+    try:
+        if lock:
+            clear_requeue_marker(out)
+        return _train_model(cfg, launcher_pid)
+    except Preempted as exc:
+        if lock:
+            write_requeue_marker(out, {"checkpoint": exc.checkpoint, "message": str(exc)})
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_model(cfg: Config, launcher_pid: int | None = None) -> TrainResult:
     from sap_dist.models import load_model, load_tokenizer
 
     started = time.time()
@@ -253,7 +273,7 @@ def train_model(cfg: Config) -> TrainResult:
 
     status, stop_message, step = "completed", None, start_step
     tokens_seen, step_times = (resumed["tokens_seen"], resumed["step_times"]) if resumed else (0, [])
-    stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint and exit EXIT_REQUEUE at the next step boundary
+    stop = StopRequest(launcher_pid=launcher_pid)  # SIGTERM/SIGUSR1: checkpoint and exit EXIT_REQUEUE at the next step boundary
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -375,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
         print(f"sap-dist train: rank {launch_from_env().rank}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_REQUEUE
+        return preempt_exit_code()
     except CheckpointWriteError as exc:
         print(f"sap-dist train: rank {launch_from_env().rank}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT_WRITE_FAILED

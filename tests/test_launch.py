@@ -1,0 +1,127 @@
+"""How a run lives with its launcher and its run directory, for real: torchrun's workers stop
+(checkpoint, requeue marker, exit) when torchrun itself is SIGKILLed, and a run directory held
+by a live run is refused with one line naming it, a stale hold taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sap_dist.checkpoint import REQUEUE_MARKER, RUN_LOCK, RunLock, list_checkpoints
+from sap_dist.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "tiny", "train.progress_bar=false", "train.tensorboard=false"]
+
+
+def _env() -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("ACCELERATE_", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def _rows(out: str) -> int:
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as fh:
+            return sum(1 for line in fh if line.strip().endswith("}"))
+    except FileNotFoundError:
+        return 0
+
+
+def test_workers_stop_with_a_checkpoint_when_torchrun_is_killed(tmp_path, embedded_dir):
+    out = str(tmp_path / "run")
+    steps = 200
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             "-m", "sap_dist.train", *TINY, "dist.backend=ddp", f"train.max_steps={steps}", f"train.output_dir={out}",
+             "checkpoint.every_steps=1000"],
+            env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while _rows(out) < 2:
+            assert launcher.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2, workers
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher dies; nobody tells the workers
+        launcher.wait()
+        deadline = time.time() + 120
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "the workers trained on as orphans\n" + log_path.read_text()[-4000:]
+    finally:
+        for pid in [w for w in workers if _alive(w)]:
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["status"] == "preempted" and summary["steps"] < steps, summary
+    assert [c.step for c in list_checkpoints(os.path.join(out, "checkpoints"))] == [summary["steps"]]
+    assert os.path.exists(os.path.join(out, REQUEUE_MARKER))  # the batch script would requeue it
+    assert not os.path.exists(os.path.join(out, RUN_LOCK))  # released on the way out
+
+
+def test_a_second_live_run_in_the_directory_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        out.mkdir()
+        (out / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                "slurm_job": None, "started": "2026-01-01 00:00:00"}))
+        result = subprocess.run([sys.executable, "-m", "sap_dist.train", *TINY, f"train.output_dir={out}"],
+                                capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"in use by a live run (pid {holder.pid} on {socket.gethostname()}" in lines[0], lines
+    assert json.loads((out / RUN_LOCK).read_text())["pid"] == holder.pid  # the first run's lock is untouched
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job": None}))
+    lock = RunLock(str(out), env={}).acquire()
+    assert f"taking over the stale lock {out / RUN_LOCK} of pid {dead.pid}" in capsys.readouterr().err
+    assert json.loads((out / RUN_LOCK).read_text())["pid"] == os.getpid()
+    # a lock on another host is not provably stale: refused; the same Slurm job (requeued) is
+    lock.release()
+    (out / RUN_LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "42"}))
+    with pytest.raises(ConfigError, match=r"in use by a live run \(pid 1 on elsewhere, Slurm job 42\)"):
+        RunLock(str(out), env={"SLURM_JOB_ID": "43"}).acquire()
+    RunLock(str(out), env={"SLURM_JOB_ID": "42"}).acquire().release()
+    assert not (out / RUN_LOCK).exists()
