@@ -23,5 +23,5 @@ if [ "$cpu" = 1 ]; then
 fi
 spec="."
 [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-"${PIP[@]}" install "${constraints[@]}" -e "$spec"
+"${PIP[@]}" install ${constraints[@]+"${constraints[@]}"} -e "$spec"
 echo "environment ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

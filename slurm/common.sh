@@ -6,8 +6,9 @@
 # for preemption after writing a checkpoint.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment on):
-#   SAP_ROOT            sap-dist checkout, on a filesystem every node sees (default: the
-#                       directory sbatch was run from, $SLURM_SUBMIT_DIR)
+#   SAP_ROOT            sap-dist checkout, on a filesystem every node sees (default: the one
+#                       the submitted script is in, whatever directory sbatch ran from);
+#                       the job runs in it, so relative paths below are relative to it
 #   SAP_PYTHON          python with sap-dist installed (default: $SAP_ROOT/.venv/bin/python
 #                       if it exists, else python3)
 #   SAP_CONFIG          run config (default: the script's recipe in configs/)
@@ -44,8 +45,11 @@
 # every process of the job step (`scancel --signal=USR1`, which reaches the training
 # processes themselves, not just the launchers, and is repeated every SAP_SIGNAL_REPEAT
 # seconds until the step ends). sap-dist's trainer finishes its step, all ranks write one
-# checkpoint at the same step boundary and exit with 75 (EX_TEMPFAIL, "requeue me"), leaving
-# summary.json with status "preempted". This shell then runs `scontrol requeue`; the requeued
+# checkpoint at the same step boundary, write the marker $SAP_OUTPUT_DIR/.requeue (atomically)
+# and exit 0 (node.sh sets SAP_PREEMPT_EXIT_CODE=0: torchrun would turn the trainer's 75 into
+# 1 with a ChildFailedError traceback), leaving summary.json with status "preempted". This
+# shell removes any old marker before it starts the step and, finding a new one after it,
+# runs `scontrol requeue`; the requeued
 # job (same job id, so the same output directory) starts with checkpoint.resume_from=auto
 # and continues from the newest complete checkpoint. SIGTERM (scancel, or Slurm's own
 # preemption with GraceTime) also reaches every process and makes the trainer checkpoint,
@@ -77,11 +81,10 @@ sap_head_address() {
   echo "${addr:-$head}"
 }
 
-# Status of the run in summary.json ("completed", "preempted", ...), if newer than $1 (epoch s).
+# Status of the run in summary.json ("completed", "preempted", ...), for the log only.
 sap_run_status() {
-  local summary="$SAP_OUTPUT_DIR/summary.json" since=$1
+  local summary="$SAP_OUTPUT_DIR/summary.json"
   [ -f "$summary" ] || return 0
-  [ "$(stat -c %Y "$summary")" -ge "$since" ] || return 0
   "$SAP_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("status", ""))' "$summary" 2>/dev/null || true
 }
 
@@ -108,7 +111,7 @@ sap_run() {
     echo "submit this script with sbatch (or set SAP_DRY_RUN=1 to print its commands)" >&2
     return 2
   fi
-  SAP_ROOT=${SAP_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+  SAP_ROOT=${SAP_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
   cd "$SAP_ROOT" || return 2
   if [ -z "${SAP_PYTHON:-}" ]; then
     if [ -x "$SAP_ROOT/.venv/bin/python" ]; then SAP_PYTHON=$SAP_ROOT/.venv/bin/python; else SAP_PYTHON=python3; fi
@@ -136,9 +139,10 @@ sap_run() {
   if [ -n "${SAP_EXTRA_ARGS:-}" ]; then
     read -r -a extra <<<"$SAP_EXTRA_ARGS"
   fi
-  args+=("${extra[@]}" "$@")
+  # ${a[@]+"${a[@]}"}: an empty array under set -u is an error in bash < 4.4 (older clusters)
+  args+=(${extra[@]+"${extra[@]}"} "$@")
   local arg
-  for arg in "${extra[@]}" "$@"; do  # an output_dir given as an override is the one to watch
+  for arg in ${extra[@]+"${extra[@]}"} "$@"; do  # an output_dir given as an override is the one to watch
     case $arg in train.output_dir=* | --train.output_dir=*) SAP_OUTPUT_DIR=${arg#*=} ;; esac
   done
 
@@ -173,8 +177,10 @@ sap_run() {
   SAP_LAST_FORWARD=0
   trap sap_on_usr1 USR1
   trap sap_on_term TERM
-  local started rc pid rcfile
-  started=$(date +%s)
+  local rc pid rcfile marker="$SAP_OUTPUT_DIR/.requeue"
+  # The trainer writes this marker (atomically, after its checkpoint) when it stopped on a
+  # stop request; one left by an earlier attempt must not count.
+  rm -f "$marker"
   rcfile=$(mktemp)
   # srun in the background, so that this shell can run its traps while the job step runs
   # (bash runs a trap only between commands; `wait` returns early for it). On a cancel Slurm
@@ -199,9 +205,9 @@ sap_run() {
   rm -f "$rcfile"
   trap - USR1 TERM
   local status
-  status=$(sap_run_status "$started")
+  status=$(sap_run_status)
   sap_log "training step exited with $rc; run status: ${status:-unknown}"
-  if [ "$status" = preempted ] || [ "$rc" = "$SAP_EXIT_REQUEUE" ]; then
+  if [ -f "$marker" ] || [ "$rc" = "$SAP_EXIT_REQUEUE" ]; then
     if [ "$SAP_GOT_TERM" = 1 ]; then
       sap_log "stopped by SIGTERM: checkpoint written, not requeueing (resubmit with SAP_OUTPUT_DIR=$SAP_OUTPUT_DIR to continue)"
       return "$SAP_EXIT_REQUEUE"

@@ -19,18 +19,23 @@ is_host=false
 
 # Preemption: Slurm delivers SIGUSR1 (forwarded by the batch shell) and SIGTERM to every
 # process of the job step, the training processes included. Those checkpoint at the next
-# step boundary and exit 75; torchrun must outlive the signal meanwhile: it would die of
-# SIGUSR1, and on SIGTERM it kills its workers after 30 s. So the launcher ignores both
-# (the trainer installs its own handlers over the inherited "ignore"), and Slurm's
-# KillWait/GraceTime still bound how long a stop may take.
+# step boundary and exit; torchrun must outlive the signal meanwhile: it would die of
+# SIGUSR1, and on a SIGTERM it handles itself it forwards it and SIGKILLs its workers 30 s
+# later, whatever GraceTime is. So the launcher ignores both (the trainer installs its own
+# handlers over the inherited "ignore") and torchrun is told not to handle SIGTERM with its
+# own option (it overwrites TORCHELASTIC_SIGNALS_TO_HANDLE from that option's default).
+# Slurm's KillWait/GraceTime still bound how long a stop may take.
 trap '' USR1 TERM
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+# A stopped run exits 0 after writing OUTPUT_DIR/.requeue (torchrun would turn the trainer's
+# 75 into 1 and print a ChildFailedError traceback); slurm/common.sh requeues on that marker.
+export SAP_PREEMPT_EXIT_CODE=0
+torchrun_signals=SIGINT,SIGHUP,SIGQUIT  # not SIGTERM (see above)
 
 cmd=("${SAP_PYTHON:-python3}" -m torch.distributed.run
      --nnodes="$nnodes" --nproc-per-node="$nproc"
      --rdzv-backend=c10d --rdzv-endpoint="$SAP_RDZV_ENDPOINT"
      --rdzv-id="sap-${SLURM_JOB_ID:-0}-${SLURM_RESTART_COUNT:-0}" --rdzv-conf="is_host=$is_host"
-     --max-restarts=0
+     --max-restarts=0 --signals-to-handle="$torchrun_signals"
      -m sap_dist.train --config "$SAP_CONFIG" "$@")
 
 echo "node $node_id/$nnodes $(hostname): $nproc process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, rendezvous host: $is_host"
