@@ -233,6 +233,17 @@ class _PartitionedLoading(Loading):
             yield self.launch.rank == 0
 
 
+def _require_deepspeed(name: str) -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:
+        from sap_dist.config import ConfigError
+
+        raise ConfigError(f"dist.backend={name} needs DeepSpeed, which is not installed ({exc}); set the node up with "
+                          "`bash scripts/setup_env.sh` (on a GPU node it installs the `cluster` extra) or "
+                          "`pip install -e '.[cluster]'`") from None
+
+
 def prepare_loading(name: str, dist_cfg=None) -> Loading:
     """First half of `create_backend`, run before the model is loaded: resolve backend
     `name` (`auto` from the environment), join the process group, and say how the model must
@@ -242,6 +253,8 @@ def prepare_loading(name: str, dist_cfg=None) -> Loading:
 
         dist_cfg = DistributedConfig()
     name = resolve_backend(name, dist_cfg.zero_stage)
+    if name == "deepspeed" or name in _DS_NAMES:
+        _require_deepspeed(name)  # before the process group and the model: no GPU time spent
     if name == "single":
         launch = launch_from_env()
         if launch.world_size > 1:
