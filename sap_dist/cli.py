@@ -12,6 +12,7 @@ commands:
   bench               measure SAP's step time and memory against plain fine-tuning
   plan                per-GPU memory of a run from the model's config, and a config that fits
   config              print every config key with its default and meaning
+  fetch-model         download a run's model once into the shared cache (then ranks run offline)
   eval                generate answers and judge them: harmful score, over-refusal, task accuracy
   align               make a model refuse harmful requests (LoRA, merged into a model directory)
   experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from sap_dist.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "fetch-model":
+        from sap_dist.fetch import main as fetch_main
+
+        return fetch_main(rest)
     if command == "config":
         from sap_dist.config import describe
 
