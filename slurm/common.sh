@@ -28,7 +28,11 @@
 #   SAP_MAX_REQUEUES    give up requeueing after this many restarts (default 20)
 #   SAP_SIGNAL_REPEAT   seconds between repeats of the forwarded stop signal while the run
 #                       is still going (it may still be loading the model; default 60)
-#   SAP_DRY_RUN=1       print the srun and torchrun command lines instead of running them
+#   SAP_DRY_RUN=1       print the fetch-model, srun and torchrun command lines instead of
+#                       running them
+#   HF_HOME             Hugging Face cache, on a filesystem every node sees (default:
+#                       $SAP_ROOT/.cache/huggingface); `sap-dist fetch-model` fills it once on
+#                       the batch host, then the ranks run with HF_HUB_OFFLINE=1
 #
 # NCCL (set only where unset, so any of them can be overridden from the submitting shell):
 #   NCCL_DEBUG=WARN                 INFO prints the transport and interfaces NCCL picked
@@ -159,12 +163,29 @@ sap_run() {
   export SAP_ROOT SAP_PYTHON SAP_CONFIG SAP_OUTPUT_DIR SAP_RDZV_ENDPOINT
 
   local srun_cmd=(srun --kill-on-bad-exit=1 --label --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1)
-  # srun does not take the job's --cpus-per-task over by itself (Slurm >= 22.05)
-  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  # The one launcher per node gets every CPU the job has there (the fewest over the nodes,
+  # from e.g. "128(x2)"), not --cpus-per-task: node.sh splits them between its ranks.
+  local node_cpus
+  node_cpus=$(tr ',' '\n' <<<"${SLURM_JOB_CPUS_PER_NODE:-}" | sed 's/(.*//' | grep -E '^[0-9]+$' | sort -n | head -n 1 || true)
+  [ -n "$node_cpus" ] && srun_cmd+=(--cpus-per-task="$node_cpus")
   srun_cmd+=(bash "$SAP_ROOT/slurm/node.sh" "${args[@]}")
   sap_log "job $job_id ($job_name), restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) ${SLURM_JOB_NODELIST:-}, rendezvous $SAP_RDZV_ENDPOINT"
   sap_log "config $SAP_CONFIG, output $SAP_OUTPUT_DIR, python $SAP_PYTHON"
   sap_log "overrides: ${args[*]}"
+  # The model, once, before any rank starts: downloaded into HF_HOME (on the shared
+  # filesystem) unless already there; the ranks then run offline against it. A missing model
+  # ends the job here, before any GPU time is spent. (sap_dist/fetch.py)
+  : "${HF_HOME:=$SAP_ROOT/.cache/huggingface}"
+  export HF_HOME
+  local fetch_cmd=("$SAP_PYTHON" -m sap_dist.cli fetch-model --config "$SAP_CONFIG" "${args[@]}")
+  if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "${fetch_cmd[@]}"
+    echo
+  elif ! "${fetch_cmd[@]}"; then
+    sap_log "the model is not available (see the line above): nothing started"
+    return 2
+  fi
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${srun_cmd[@]}"
     echo

@@ -125,3 +125,41 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
         RunLock(str(out), env={"SLURM_JOB_ID": "43"}).acquire()
     RunLock(str(out), env={"SLURM_JOB_ID": "42"}).acquire().release()
     assert not (out / RUN_LOCK).exists()
+
+
+def test_a_missing_deepspeed_is_one_line_naming_the_setup_command(tmp_path):
+    """DeepSpeed made unimportable for real (sys.modules entry None): the run stops before any
+    process group or model, in one line that names the command that installs it."""
+    argv = TINY + ["dist.backend=zero3", f"train.output_dir={tmp_path / 'run'}"]
+    code = f"import sys; sys.modules['deepspeed'] = None; from sap_dist.train import main; sys.exit(main({argv!r}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "dist.backend=zero3 needs DeepSpeed" in lines[0] and "bash scripts/setup_env.sh" in lines[0]
+    assert ".[cluster]" in lines[0]
+    pyproject = open(os.path.join(REPO, "pyproject.toml")).read()
+    assert 'cluster = ["deepspeed' in pyproject  # the extra the message names exists
+    assert "EXTRAS=${EXTRAS-cluster}" in open(os.path.join(REPO, "scripts", "setup_env.sh")).read()
+
+
+def _fetch(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sap_dist.cli", "fetch-model", *args], capture_output=True, text=True,
+                          env=dict(_env(), **env), cwd=REPO, timeout=300)
+
+
+def test_fetch_model_offline_finds_the_shared_cache_or_says_in_one_line(tmp_path):
+    """What slurm/common.sh runs once before the ranks: offline, a hub id in the cache resolves to
+    its snapshot; one that is not there is one line (exit 2) naming the cache and the command."""
+    hf_home = tmp_path / "hf"
+    snapshot = hf_home / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    found = _fetch("--config", "tiny", "model.name_or_path=acme/tiny", HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    assert found.returncode == 0 and str(snapshot) in found.stdout, found.stderr[-2000:]
+    missing = _fetch("--config", "tiny", "model.name_or_path=acme/absent", HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-2000:]
+    assert "'acme/absent'" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0] and str(hf_home) in lines[0]
+    assert "sap-dist fetch-model --config" in lines[0]

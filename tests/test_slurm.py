@@ -121,10 +121,33 @@ def test_defaults_and_per_node_values():
     assert "output /scratch/o," in _dry_run({}, "train.output_dir=/scratch/o")
     # node.sh evaluates its values on the node: node 1 does not host the rendezvous
     env = dict(os.environ, SAP_DRY_RUN="1", SAP_PYTHON=sys.executable, SLURM_NODEID="1", SLURM_JOB_NUM_NODES="2",
-               SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml")
+               SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml",
+               SAP_OUTPUT_DIR="/scratch/o")
     env.pop("OMP_NUM_THREADS", None)
     node = subprocess.run(["bash", "slurm/node.sh", "a.b=1"], capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    assert "is_host=false" in node and "--nproc-per-node=4" in node and "OMP_NUM_THREADS=8" in node
+    assert "is_host=false" in node and "--nproc-per-node=4" in node
+    # torchrun leaves SIGTERM to the workers; per-rank logs beside the run
+    assert r"--signals-to-handle=SIGINT\,SIGHUP\,SIGQUIT" in node and "--log-dir=/scratch/o/logs/node-1" in node
+    # threads per rank from the CPUs the launcher really has (its affinity), not --cpus-per-task,
+    # at most what Slurm allocated on the node
+    real = len(os.sched_getaffinity(0))
+    for on_node, want in (("1024", real), ("1", 1)):
+        one_gpu = dict(env, SLURM_GPUS_ON_NODE="1", SLURM_CPUS_ON_NODE=on_node)
+        node = subprocess.run(["bash", "slurm/node.sh"], capture_output=True, text=True, cwd=ROOT, env=one_gpu).stdout
+        assert f"OMP_NUM_THREADS={want}," in node, (on_node, node)
+    # the launcher step gets every CPU the job has on a node (the fewest over the nodes)
+    srun = next(line for line in _dry_run({"SLURM_JOB_CPUS_PER_NODE": "128(x2),64"}).splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=64" in srun
+
+
+def test_the_model_is_fetched_once_before_the_ranks_which_run_offline():
+    out = _dry_run({"SAP_MODEL": "org/model"})
+    lines = out.splitlines()
+    fetch = next(i for i, line in enumerate(lines) if "sap_dist.cli fetch-model" in line)
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert fetch < srun and "model.name_or_path=org/model" in lines[fetch] and "--config configs/sap_70b.yaml" in lines[fetch]
+    common = (ROOT / "slurm" / "common.sh").read_text()
+    assert "export HF_HUB_OFFLINE=1" in common and ': "${HF_HOME:=' in common
 
 
 def test_refuses_to_run_outside_slurm():
@@ -308,8 +331,10 @@ def test_sap_7b_script_runs_the_tiny_model_on_two_nodes(uninterrupted, cluster):
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-5000:]}\n{cluster.logs()}"
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
     # one launcher per node, evaluated on the node; node 0 hosts the rendezvous
-    assert re.search(r"^\d: node 0/2 \S+: 1 process\(es\).*rendezvous host: true$", log, re.M), log[-3000:]
-    assert re.search(r"^\d: node 1/2 \S+: 1 process\(es\).*rendezvous host: false$", log, re.M)
+    assert re.search(r"^\d: node 0/2 \S+: 1 process\(es\).*rendezvous host: true, per-rank logs: \S+/logs/node-0$", log, re.M), log[-3000:]
+    assert re.search(r"^\d: node 1/2 \S+: 1 process\(es\).*rendezvous host: false, per-rank logs: \S+/logs/node-1$", log, re.M)
+    assert list((out / "logs" / "node-0").rglob("stderr.log"))  # torchrun's per-rank logs
+    assert re.search(r"^model tiny-random-llama: ", log, re.M)  # fetched once, by the batch shell, before the ranks
     assert "rendezvous 127.0.0.1:" in log and "run status: completed" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 6
