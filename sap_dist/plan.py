@@ -27,7 +27,9 @@ P: all parameters, T: trained parameters (P for full fine-tuning, the LoRA adapt
 otherwise), w: bytes per element of the compute dtype (bf16: 2), h hidden size, I
 intermediate size, a/kv attention/key-value heads, d head dimension, V vocabulary.
 Peak = static parts + max(gathered + activations, optimizer step transient) + reserve.
-These are estimates for planning (typically within ~15% of a measured peak): leave headroom.
+These are estimates for planning (typically within ~15% of a measured peak), and torch sees
+less than a card's nominal size (about 79.2 of an "80 GB" card): a setting fits only when its
+estimate stays below the GPU memory less a headroom of 10% (`--headroom`), which the output states.
 
 The recommendation takes the fastest configuration that fits: no offload and no activation
 checkpointing at the largest per-GPU batch (up to `--max-batch-per-gpu`), then activation
@@ -56,6 +58,8 @@ ARCH_DIR = os.path.join(os.path.dirname(__file__), "archs")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per weight of bitsandbytes NF4 with double quantization: 4 bits, an 8-bit absmax per
 block of 64 and an fp32 second-level constant per 256 blocks."""
+HEADROOM = 0.10
+"""Fraction of the GPU memory a fitting estimate must leave free (the estimate's accuracy)."""
 ZERO3_SUB_GROUP = 1_000_000_000
 """DeepSpeed ZeRO-3 `sub_group_size` default: the optimizer steps this many elements at a time."""
 PROBE_COPIES = 5
@@ -323,6 +327,12 @@ class Plan:
     chosen_memory: Optional[dict]
     alternatives: list[tuple[Setup, dict]]
     min_gpus: Optional[int]
+    headroom: float = HEADROOM
+
+    @property
+    def usable_gib(self) -> float:
+        """The memory an estimate must stay below: the GPU's less the headroom."""
+        return self.gpu_memory_gib * (1 - self.headroom)
 
     @property
     def fits(self) -> bool:
@@ -336,9 +346,10 @@ def _safety_per_gpu(gpus: int, batch_per_gpu: int, global_safety: Optional[int])
 
 
 def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
-           batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None) -> tuple[Optional[Setup], Optional[dict]]:
+           batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None,
+           headroom: float = HEADROOM) -> tuple[Optional[Setup], Optional[dict]]:
     """The fastest setting that fits (see the module docstring), or (None, None)."""
-    limit = gpu_memory_gib * GiB
+    limit = gpu_memory_gib * GiB * (1 - headroom)
     if batch_size is not None:
         batches = [max(1, math.ceil(batch_size / base.gpus))]
     else:
@@ -353,8 +364,8 @@ def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 
 
 
 def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
-              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None) -> Plan:
-    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size)
+              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None, headroom: float = HEADROOM) -> Plan:
+    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size, headroom)
     alternatives = []
     b = chosen.batch_per_gpu if chosen else (max(1, math.ceil(batch_size / base.gpus)) if batch_size else 1)
     for level in [{}, {"activation_checkpointing": True}, {"offload_optimizer": True},
@@ -368,10 +379,10 @@ def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float
     min_gpus = None
     if chosen is None:
         for n in range(base.gpus + 1, 4097):
-            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size)[0]:
+            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size, headroom)[0]:
                 min_gpus = n
                 break
-    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus)
+    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus, headroom)
 
 
 def overrides(s: Setup) -> list[str]:
@@ -442,19 +453,21 @@ def render(plan: Plan) -> str:
             extra = f"  ({shown.batch_per_gpu} x {shown.seq_len} task, {2 * shown.safety_per_gpu} x {shown.safety_seq_len} safety)" if b.sap else f"  ({shown.batch_per_gpu} x {shown.seq_len})"
         lines.append(f"  {label:<36}{_gib(mem[key])}{extra}")
     lines.append(f"  {'of':<36}{plan.gpu_memory_gib:8.2f}")
+    lines.append(f"  {'usable (less {:.0%} headroom)'.format(plan.headroom):<36}{plan.usable_gib:8.2f}")
     lines.append("")
     lines.append(f"at {shown.batch_per_gpu} sequence(s) per GPU:")
     for s, m in plan.alternatives:
         note = ""
         if s.activation_checkpointing and not checkpointing_key():
             note = "  (no activation checkpointing in sap-dist yet)"
-        verdict = "fits" if m["total"] <= plan.gpu_memory_gib * GiB else "does not fit"
+        verdict = "fits" if m["total"] <= plan.usable_gib * GiB else "does not fit"
         lines.append(f"  {_variant_name(s):<66}{_gib(m['total'])} GiB  {verdict}{note}")
     lines.append("")
     if plan.fits:
         c = plan.chosen
         lines.append(f"FITS: {_variant_name(c)}, {c.batch_per_gpu} sequence(s) per GPU "
-                     f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB)")
+                     f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB; fits are judged against "
+                     f"{plan.usable_gib:.1f} GiB, {plan.headroom:.0%} headroom for the estimate's accuracy)")
         lines.append("recommended overrides: " + " ".join(overrides(c)))
     else:
         lines.append(f"DOES NOT FIT on {b.gpus} x {plan.gpu_memory_gib:g} GiB"
@@ -473,6 +486,8 @@ def to_json(plan: Plan) -> dict:
         "trained_parameters": trained_params(a, b),
         "gpus": b.gpus,
         "gpu_memory_gib": plan.gpu_memory_gib,
+        "headroom": plan.headroom,
+        "usable_gib": plan.usable_gib,
         "fits": plan.fits,
         "recommended": dataclasses.asdict(plan.chosen) if plan.chosen else None,
         "memory_bytes": plan.chosen_memory,
@@ -509,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-per-gpu", type=int, default=8, help="largest per-GPU batch the search tries (default 8)")
     p.add_argument("--sft", action="store_true", help="plain fine-tuning (no SAP copy, no safety pass)")
     p.add_argument("--reserve-gib", type=float, default=2.0, help="per-GPU memory kept free (default 2)")
+    p.add_argument("--headroom", type=float, default=HEADROOM,
+                   help="fraction of the GPU memory a fitting estimate leaves free (default 0.10: the estimate's accuracy)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -566,7 +583,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             raise PlanError(f"{key}={value} is a global batch size and must be a positive multiple of --gpus {base.gpus}")
     arch = load_arch(model)
     trained_params(arch, base)  # validates the LoRA targets
-    return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size)
+    if not 0 <= args.headroom < 1:
+        raise PlanError(f"--headroom {args.headroom} must be a fraction in [0, 1)")
+    return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size,
+                     args.headroom)
 
 
 if __name__ == "__main__":

@@ -183,3 +183,25 @@ def test_recipe_configs_fit_their_scripts():
         assert result.returncode == 0, (size, result.stdout, result.stderr)
         script = open(os.path.join(root, "slurm", f"sap_{size}.sh")).read()
         assert f"sap-dist plan --config configs/sap_{size}.yaml --gpus {gpus} --gpu-memory 80" in script
+
+
+def test_a_fit_leaves_the_stated_headroom():
+    """The search never recommends a setting above 90% of the card (the estimate's accuracy,
+    and torch sees less than a card's nominal size), and says so; --headroom 0 lets it."""
+    import io
+    from contextlib import redirect_stdout
+
+    from sap_dist.plan import main as plan_main
+
+    args = ["--model", "llama-2-7b", "--gpus", "8", "--gpu-memory", "80", "--json"]
+    for headroom, limit in ((None, 72.0), ("0", 80.0)):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            plan_main(args + (["--headroom", headroom] if headroom else []))
+        plan = json.loads(buf.getvalue())
+        assert plan["usable_gib"] == pytest.approx(limit)
+        assert plan["memory_gib"]["total"] <= limit
+    text = io.StringIO()
+    with redirect_stdout(text):
+        plan_main(args[:-1])
+    assert "10% headroom" in text.getvalue() and "72.0 GiB" in text.getvalue()
