@@ -290,6 +290,11 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     out["activations"] = max(task, safety)
     out["step_transient"] = 4 * min(ZERO3_SUB_GROUP, T / n) if zero3 and not off_opt else 0.0
     out["reserve"] = reserve_gib * GiB
+    # CPU memory this GPU's offloaded partitions take (not part of `total`): the optimizer's fp32
+    # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter); the
+    # parameters (and SAP's copy of the trained ones) under parameter offload
+    out["host"] = ((T * 16 / n if off_opt else 0.0)
+                   + (base + (0 if full else T * t / n) + (T * t / n if s.sap else 0) if off_par else 0.0))
     static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"]
     out["total"] = static + max(out["gathered"] + out["activations"], out["step_transient"]) + out["reserve"]
     return out
@@ -328,6 +333,8 @@ class Plan:
     alternatives: list[tuple[Setup, dict]]
     min_gpus: Optional[int]
     headroom: float = HEADROOM
+    gpus_per_node: int = 8
+    host_memory_gib: Optional[float] = None
 
     @property
     def usable_gib(self) -> float:
@@ -345,10 +352,17 @@ def _safety_per_gpu(gpus: int, batch_per_gpu: int, global_safety: Optional[int])
     return max(1, min(batch_per_gpu, math.ceil(DEFAULT_SAFETY_BATCH / gpus)))
 
 
+def host_per_node(m: dict, gpus: int, gpus_per_node: int) -> float:
+    """Bytes of CPU memory the offloaded partitions take on one node."""
+    return m["host"] * min(gpus, gpus_per_node)
+
+
 def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
            batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None,
-           headroom: float = HEADROOM) -> tuple[Optional[Setup], Optional[dict]]:
-    """The fastest setting that fits (see the module docstring), or (None, None)."""
+           headroom: float = HEADROOM, gpus_per_node: int = 8,
+           host_memory_gib: Optional[float] = None) -> tuple[Optional[Setup], Optional[dict]]:
+    """The fastest setting that fits (see the module docstring), or (None, None). With
+    `host_memory_gib` (per node), offload settings needing more CPU memory are refused."""
     limit = gpu_memory_gib * GiB * (1 - headroom)
     if batch_size is not None:
         batches = [max(1, math.ceil(batch_size / base.gpus))]
@@ -358,14 +372,18 @@ def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 
         for b in batches:
             s = dataclasses.replace(base, batch_per_gpu=b, safety_per_gpu=_safety_per_gpu(base.gpus, b, safety_batch_size), **level)
             m = memory(arch, s, reserve_gib)
+            if host_memory_gib is not None and host_per_node(m, s.gpus, gpus_per_node) > host_memory_gib * GiB:
+                continue
             if m["total"] <= limit:
                 return s, m
     return None, None
 
 
 def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
-              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None, headroom: float = HEADROOM) -> Plan:
-    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size, headroom)
+              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None, headroom: float = HEADROOM,
+              gpus_per_node: int = 8, host_memory_gib: Optional[float] = None) -> Plan:
+    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size, headroom,
+                         gpus_per_node, host_memory_gib)
     alternatives = []
     b = chosen.batch_per_gpu if chosen else (max(1, math.ceil(batch_size / base.gpus)) if batch_size else 1)
     for level in [{}, {"activation_checkpointing": True}, {"offload_optimizer": True},
@@ -379,10 +397,12 @@ def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float
     min_gpus = None
     if chosen is None:
         for n in range(base.gpus + 1, 4097):
-            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size, headroom)[0]:
+            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size, headroom,
+                      gpus_per_node, host_memory_gib)[0]:
                 min_gpus = n
                 break
-    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus, headroom)
+    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus, headroom,
+                gpus_per_node, host_memory_gib)
 
 
 def overrides(s: Setup) -> list[str]:
@@ -461,6 +481,12 @@ def render(plan: Plan) -> str:
         if s.activation_checkpointing and not checkpointing_key():
             note = "  (no activation checkpointing in sap-dist yet)"
         verdict = "fits" if m["total"] <= plan.usable_gib * GiB else "does not fit"
+        host = host_per_node(m, s.gpus, plan.gpus_per_node)
+        if host:
+            note += f"  (host memory per node: {host / GiB:.0f} GiB"
+            if plan.host_memory_gib is not None and host > plan.host_memory_gib * GiB:
+                note += f", more than --host-memory {plan.host_memory_gib:g}: refused"
+            note += ")"
         lines.append(f"  {_variant_name(s):<66}{_gib(m['total'])} GiB  {verdict}{note}")
     lines.append("")
     if plan.fits:
@@ -468,6 +494,10 @@ def render(plan: Plan) -> str:
         lines.append(f"FITS: {_variant_name(c)}, {c.batch_per_gpu} sequence(s) per GPU "
                      f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB; fits are judged against "
                      f"{plan.usable_gib:.1f} GiB, {plan.headroom:.0%} headroom for the estimate's accuracy)")
+        host = host_per_node(plan.chosen_memory, c.gpus, plan.gpus_per_node)
+        if host:
+            lines.append(f"host memory per node for the offloaded state: {host / GiB:.0f} GiB "
+                         f"({min(c.gpus, plan.gpus_per_node)} GPUs per node; --host-memory refuses more)")
         lines.append("recommended overrides: " + " ".join(overrides(c)))
     else:
         lines.append(f"DOES NOT FIT on {b.gpus} x {plan.gpu_memory_gib:g} GiB"
@@ -488,6 +518,10 @@ def to_json(plan: Plan) -> dict:
         "gpu_memory_gib": plan.gpu_memory_gib,
         "headroom": plan.headroom,
         "usable_gib": plan.usable_gib,
+        "gpus_per_node": plan.gpus_per_node,
+        "host_memory_gib": plan.host_memory_gib,
+        "host_per_node_gib": (host_per_node(plan.chosen_memory, plan.chosen.gpus, plan.gpus_per_node) / GiB
+                              if plan.chosen_memory else None),
         "fits": plan.fits,
         "recommended": dataclasses.asdict(plan.chosen) if plan.chosen else None,
         "memory_bytes": plan.chosen_memory,
@@ -526,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve-gib", type=float, default=2.0, help="per-GPU memory kept free (default 2)")
     p.add_argument("--headroom", type=float, default=HEADROOM,
                    help="fraction of the GPU memory a fitting estimate leaves free (default 0.10: the estimate's accuracy)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for the host memory per node (default 8)")
+    p.add_argument("--host-memory", type=float, help="CPU memory per node in GiB: offload settings needing more are refused")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -585,8 +621,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     trained_params(arch, base)  # validates the LoRA targets
     if not 0 <= args.headroom < 1:
         raise PlanError(f"--headroom {args.headroom} must be a fraction in [0, 1)")
+    if args.gpus_per_node < 1 or (args.host_memory is not None and args.host_memory <= 0):
+        raise PlanError("--gpus-per-node must be at least 1 and --host-memory positive")
     return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size,
-                     args.headroom)
+                     args.headroom, args.gpus_per_node, args.host_memory)
 
 
 if __name__ == "__main__":

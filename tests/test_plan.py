@@ -205,3 +205,29 @@ def test_a_fit_leaves_the_stated_headroom():
     with redirect_stdout(text):
         plan_main(args[:-1])
     assert "10% headroom" in text.getvalue() and "72.0 GiB" in text.getvalue()
+
+
+def _plan_json(*args: str) -> dict:
+    import io
+    from contextlib import redirect_stdout
+
+    from sap_dist.plan import main as plan_main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        plan_main([*args, "--json"])
+    return json.loads(buf.getvalue())
+
+
+def test_offload_plans_report_host_memory_per_node_and_honour_host_memory():
+    """Full fine-tuning of 70B with optimizer offload: 16 bytes per parameter on the CPU
+    (fp32 master, Adam m, v, fp32 gradient), split over the nodes: ~0.5 TiB per node on 16 GPUs,
+    ~1 TiB on 8. A --host-memory below that refuses the offload plans."""
+    common = ["--model", "llama-2-70b", "--method", "full", "--gpu-memory", "80"]
+    on16 = _plan_json(*common, "--gpus", "16")
+    on8 = _plan_json(*common, "--gpus", "8")
+    for plan, tib in ((on16, 0.5), (on8, 1.0)):
+        assert plan["recommended"]["offload_optimizer"], plan["recommended"]
+        assert plan["host_per_node_gib"] == pytest.approx(tib * 1024, rel=0.1)
+    refused = _plan_json(*common, "--gpus", "8", "--host-memory", "512")
+    assert not refused["fits"] and refused["host_memory_gib"] == 512  # every offload plan needs more than 512 GiB
