@@ -35,8 +35,9 @@ The recommendation takes the fastest configuration that fits: no offload and no 
 checkpointing at the largest per-GPU batch (up to `--max-batch-per-gpu`), then activation
 checkpointing (only if this sap-dist has a config key for it: it has none today, because
 SAP's probe passes take `torch.autograd.grad` through the model, see `sap_dist/models.py`),
-then ZeRO-3 optimizer offload, then optimizer and parameter offload (FSDP2 in sap-dist has no
-offload). Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
+then ZeRO-3 optimizer offload (full fine-tuning only: LoRA's optimizer state is tiny), then
+optimizer and parameter offload (FSDP2 in sap-dist has no offload). With the batch fixed (a
+run config, `--batch-size`), LoRA tries a smaller batch per GPU before any offload, and says so. Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
 Exit status: 0 when a configuration fits, 1 when none does (the smallest GPU count that would
 fit is printed), 2 for bad input.
 """
@@ -316,7 +317,8 @@ def levels(backend: str, method: str) -> list[dict]:
         out.append({"activation_checkpointing": True})
     if backend == "zero3":
         ck = {"activation_checkpointing": True} if checkpointing_key() else {}
-        out.append(ck | {"offload_optimizer": True})
+        if method == "full":  # LoRA's optimizer state is a few MB: offloading it saves nothing
+            out.append(ck | {"offload_optimizer": True})
         if method != "qlora":
             out.append(ck | {"offload_optimizer": True, "offload_params": True})
     return out
@@ -335,6 +337,8 @@ class Plan:
     headroom: float = HEADROOM
     gpus_per_node: int = 8
     host_memory_gib: Optional[float] = None
+    batch_size: Optional[int] = None
+    """The global batch the plan was asked to keep (None: searched)."""
 
     @property
     def usable_gib(self) -> float:
@@ -366,6 +370,10 @@ def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 
     limit = gpu_memory_gib * GiB * (1 - headroom)
     if batch_size is not None:
         batches = [max(1, math.ceil(batch_size / base.gpus))]
+        if base.method != "full":
+            # LoRA: a smaller batch per GPU (train.batch_size lowered) before any offload,
+            # which would slow every step to save almost nothing
+            batches = list(range(batches[0], 0, -1))
     else:
         batches = [b for b in BATCHES if b <= max_batch_per_gpu] or [1]
     for level in levels(base.backend, base.method):
@@ -402,7 +410,7 @@ def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float
                 min_gpus = n
                 break
     return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus, headroom,
-                gpus_per_node, host_memory_gib)
+                gpus_per_node, host_memory_gib, batch_size)
 
 
 def overrides(s: Setup) -> list[str]:
@@ -494,6 +502,9 @@ def render(plan: Plan) -> str:
         lines.append(f"FITS: {_variant_name(c)}, {c.batch_per_gpu} sequence(s) per GPU "
                      f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB; fits are judged against "
                      f"{plan.usable_gib:.1f} GiB, {plan.headroom:.0%} headroom for the estimate's accuracy)")
+        if plan.batch_size and c.batch_per_gpu * c.gpus < plan.batch_size:
+            lines.append(f"the batch does not fit as given: train.batch_size {plan.batch_size} -> {c.batch_per_gpu * c.gpus} "
+                         "(smaller batch per GPU rather than offload)")
         host = host_per_node(plan.chosen_memory, c.gpus, plan.gpus_per_node)
         if host:
             lines.append(f"host memory per node for the offloaded state: {host / GiB:.0f} GiB "

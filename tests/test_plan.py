@@ -231,3 +231,13 @@ def test_offload_plans_report_host_memory_per_node_and_honour_host_memory():
         assert plan["host_per_node_gib"] == pytest.approx(tib * 1024, rel=0.1)
     refused = _plan_json(*common, "--gpus", "8", "--host-memory", "512")
     assert not refused["fits"] and refused["host_memory_gib"] == 512  # every offload plan needs more than 512 GiB
+
+
+def test_lora_with_a_fixed_batch_prefers_a_smaller_batch_to_offload():
+    """LoRA on 8 GPUs with a batch too large per GPU: a smaller train.batch_size, never
+    optimizer offload (16M adapter parameters: nothing to save)."""
+    plan = _plan_json("--model", "llama-2-70b", "--method", "lora", "--gpus", "8", "--gpu-memory", "80",
+                      "--batch-size", "64", "--seq-len", "512")
+    chosen = plan["recommended"]
+    assert plan["fits"] and not chosen["offload_optimizer"] and not chosen["offload_params"], chosen
+    assert chosen["batch_per_gpu"] < 8
