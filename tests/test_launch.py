@@ -163,3 +163,14 @@ def test_fetch_model_offline_finds_the_shared_cache_or_says_in_one_line(tmp_path
     assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-2000:]
     assert "'acme/absent'" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0] and str(hf_home) in lines[0]
     assert "sap-dist fetch-model --config" in lines[0]
+
+
+def test_launcher_configs_name_only_files_that_exist():
+    """Every repository path a ds_configs/*.yaml names (in a value or a comment) exists."""
+    import glob
+    import re
+
+    for path in glob.glob(os.path.join(REPO, "ds_configs", "*.yaml")):
+        text = open(path).read()
+        for named in re.findall(r"\b((?:ds_configs|slurm|configs|docker|scripts)/[\w./-]+\.(?:json|yaml|sh|sbatch))", text):
+            assert os.path.exists(os.path.join(REPO, named)), f"{os.path.basename(path)} names {named}, which does not exist"
