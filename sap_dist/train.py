@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
+from sap_dist.backends import OptimizerSpec, check_launcher_env, launch_from_env, prepare_loading
 from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, Checkpointer, CheckpointWriteError,
                                  Preempted, RunLock, StopRequest, clear_requeue_marker, preempt_exit_code,
                                  watch_launcher, write_requeue_marker, checkpoint_dir, data_fingerprint, list_checkpoints,
@@ -211,6 +211,7 @@ def train_model(cfg: Config) -> TrainResult:
     run directory's lock for the life of the run; a run stopped by a stop request leaves the
     requeue marker there (REQUEUE_MARKER) for the batch script."""
     launcher_pid = watch_launcher()  # first thing: a worker whose torchrun dies stops too
+    check_launcher_env(cfg.dist.backend, cfg.model.dtype)  # accelerate's choices sap-dist would ignore
     out = cfg.train.output_dir
     lock = RunLock(out).acquire() if launch_from_env().rank == 0 else None
     try:

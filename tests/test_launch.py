@@ -174,3 +174,19 @@ def test_launcher_configs_name_only_files_that_exist():
         text = open(path).read()
         for named in re.findall(r"\b((?:ds_configs|slurm|configs|docker|scripts)/[\w./-]+\.(?:json|yaml|sh|sbatch))", text):
             assert os.path.exists(os.path.join(REPO, named)), f"{os.path.basename(path)} names {named}, which does not exist"
+
+
+@pytest.mark.parametrize("env, override, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "dist.backend=fsdp2", "dist.backend=fsdp2 contradicts the accelerate config, which asks for DeepSpeed"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "dist.backend=zero3", "dist.backend=zero3 contradicts the accelerate config, which asks for FSDP"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "model.dtype=bf16", "accelerate --mixed_precision fp16 is not how sap-dist sets precision"),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, "model.dtype=fp32", "set model.dtype=bf16 and drop --mixed_precision"),
+])
+def test_accelerate_choices_sap_dist_would_ignore_are_refused_in_one_line(env, override, message, tmp_path, monkeypatch, capsys):
+    from sap_dist.train import main as train_main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert train_main([*TINY, override, f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err

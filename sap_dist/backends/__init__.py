@@ -233,6 +233,27 @@ class _PartitionedLoading(Loading):
             yield self.launch.rank == 0
 
 
+def check_launcher_env(backend: str, dtype: str, env: dict | None = None) -> None:
+    """Refuse what `accelerate launch` asked for and sap-dist would silently not do: an explicit
+    `dist.backend` of another kind than accelerate's config (DeepSpeed or FSDP), and a
+    `--mixed_precision` other than the config's `model.dtype` (sap-dist's only precision
+    setting; accelerate's default "no" says nothing and is accepted)."""
+    from sap_dist.config import ConfigError
+
+    env = os.environ if env is None else env
+    kind = ("DeepSpeed" if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
+            else "FSDP" if env.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE else None)
+    deepspeed_backend = backend == "deepspeed" or backend in _DS_NAMES
+    if backend != "auto" and kind and deepspeed_backend != (kind == "DeepSpeed"):
+        raise ConfigError(f"dist.backend={backend} contradicts the accelerate config, which asks for {kind}: "
+                          "set dist.backend=auto (accelerate's choice) or launch with a matching accelerate config")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if precision not in ("", "no") and precision != dtype:
+        raise ConfigError(f"accelerate --mixed_precision {precision} is not how sap-dist sets precision: it trains in "
+                          f"model.dtype (fp32 or bf16; this config: {dtype}); set model.dtype"
+                          + ("=bf16 and drop --mixed_precision" if precision == "bf16" else " and drop --mixed_precision"))
+
+
 def _require_deepspeed(name: str) -> None:
     try:
         import deepspeed  # noqa: F401
