@@ -224,3 +224,11 @@ def test_compose_smoke_commands_return_the_training_exit_code():
     for service in ("cpu", "gpu"):
         assert f"up --exit-code-from {service} {service}" in text
     assert "summary.json" in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_run_as_an_unprivileged_user(dockerfile):
+    users = [v.split(":")[0] for k, v in _instructions(dockerfile) if k == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    compose = (ROOT / "docker" / "docker-compose.yml").read_text()
+    assert compose.count('user: "${SAP_UID:-10001}:${SAP_GID:-10001}"') == 2
