@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -245,13 +246,159 @@ def data_fingerprint(task: list[dict], safety: list[dict] | None) -> dict[str, s
 # Stop requests
 
 
+REQUEUE_MARKER = ".requeue"
+"""File in train.output_dir that a run stopped on a stop signal writes (rank 0, atomically)
+after its checkpoint: the batch script (slurm/common.sh) requeues when it exists, whatever exit
+code the launcher turned EXIT_REQUEUE into. Removed when a run starts and when it completes."""
+
+PREEMPT_EXIT_CODE_ENV = "SAP_PREEMPT_EXIT_CODE"
+"""Environment variable: the exit code of a run stopped on a stop signal (default EXIT_REQUEUE).
+slurm/node.sh sets 0, so that torchrun exits cleanly (no ChildFailedError traceback) and the
+batch script reads REQUEUE_MARKER instead."""
+
+
+def write_requeue_marker(out: str, info: dict) -> None:
+    """Write REQUEUE_MARKER in `out` atomically (temp file, fsync, rename)."""
+    path = os.path.join(out, REQUEUE_MARKER)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(info, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(out)
+
+
+def clear_requeue_marker(out: str) -> None:
+    try:
+        os.remove(os.path.join(out, REQUEUE_MARKER))
+    except FileNotFoundError:
+        pass
+
+
+def preempt_exit_code(env: dict | None = None) -> int:
+    value = (os.environ if env is None else env).get(PREEMPT_EXIT_CODE_ENV, "")
+    return int(value) if value.strip().isdigit() else EXIT_REQUEUE
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def watch_launcher(env: dict | None = None) -> int | None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), make this worker stop when its launcher dies
+    (SIGKILL, the OOM killer): Linux's parent-death signal delivers SIGTERM, which StopRequest
+    turns into "checkpoint at the step boundary, then exit". Returns the launcher's pid, which
+    `launcher_gone` compares with the current parent (the backstop while SIGTERM is ignored,
+    e.g. inherited SIG_IGN before StopRequest is installed). A plain `python -m sap_dist.train`
+    is left alone: it may rightly outlive the shell that started it (nohup)."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: launcher_gone still notices at the next step boundary
+    return parent
+
+
+def launcher_gone(launcher_pid: int | None) -> bool:
+    """The launcher recorded by `watch_launcher` is no longer this process's parent."""
+    return launcher_pid is not None and os.getppid() != launcher_pid
+
+
+RUN_LOCK = ".lock"
+"""File in train.output_dir held for the life of a run (see `RunLock`)."""
+
+
+class RunLock:
+    """Exclusive hold on a run directory for the life of a run, so that two live runs never
+    write (and rotate) each other's checkpoints. The lock file is created with O_EXCL (atomic on
+    local and NFS filesystems) and names its holder: host, pid, Slurm job. A lock whose holder is
+    gone is taken over with a message: same host and the pid is dead, or the same Slurm job id
+    (a requeued job restarts on possibly other nodes; Slurm never runs a job twice at once).
+    A live holder makes the run refuse with one line naming it. Held by rank 0 only."""
+
+    def __init__(self, out: str, env: dict | None = None):
+        self.path = os.path.join(out, RUN_LOCK)
+        env = os.environ if env is None else env
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": env.get("SLURM_JOB_ID"),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written, or garbage: not provably stale
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("slurm_job") and holder.get("slurm_job") == self.me["slurm_job"]:
+            return True
+        if holder.get("host") != self.me["host"] or not isinstance(holder.get("pid"), int):
+            return False
+        if holder["pid"] == self.me["pid"]:
+            return True  # this process, left over by an earlier run in it that died
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if not self._stale(holder):
+                    who = (f"pid {holder.get('pid')} on {holder.get('host')}"
+                           + (f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else "")
+                           + (f", since {holder['started']}" if holder.get("started") else "")) if holder else "another run"
+                    raise ConfigError(f"{os.path.dirname(self.path)} is in use by a live run ({who}); wait for it, stop it, "
+                                      f"or choose another train.output_dir (remove {self.path} if that run is gone)")
+                print(f"sap-dist: taking over the stale lock {self.path} of pid {holder.get('pid')} on "
+                      f"{holder.get('host')} (that run is gone)", file=sys.stderr, flush=True)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.me, fh)
+            self.held = True
+            return self
+        raise ConfigError(f"could not take the lock {self.path}: it keeps changing hands")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == self.me["pid"]:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+        self.held = False
+
+
 class StopRequest:
     """SIGTERM and SIGUSR1 set a flag (the run finishes its step, checkpoints and exits with
     EXIT_REQUEUE); previous handlers come back on `close`. Only the main thread can install
     handlers; elsewhere this does nothing (with a warning)."""
 
-    def __init__(self, signals=STOP_SIGNALS):
-        self.received: str | None = None
+    def __init__(self, signals=STOP_SIGNALS, launcher_pid: int | None = None):
+        self._received: str | None = None
+        self._launcher_pid = launcher_pid  # from watch_launcher: its exit is a stop request too
         self._previous: dict = {}
         if threading.current_thread() is not threading.main_thread():
             warnings.warn("not in the main thread: SIGTERM/SIGUSR1 keep their default action (no checkpoint on preemption)")
@@ -259,13 +406,20 @@ class StopRequest:
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    @property
+    def received(self) -> str | None:
+        """Name of the first stop request ("SIGTERM", "SIGUSR1", "launcher exit"), or None."""
+        if self._received is None and launcher_gone(self._launcher_pid):
+            self._received = "launcher exit"
+        return self._received
+
     def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
+        if self._received is None:
+            self._received = signal.Signals(signum).name
             if signum == signal.SIGINT:
                 print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again aborts without one)",
                       file=sys.stderr, flush=True)
-        elif signum == signal.SIGINT and self.received == "SIGINT":
+        elif signum == signal.SIGINT and self._received == "SIGINT":
             raise KeyboardInterrupt
 
     def close(self) -> None:
@@ -478,7 +632,10 @@ class Checkpointer:
                 if self.rank == 0:  # set aside: never tried again, and its step can be saved anew
                     aside = os.path.normpath(path) + CORRUPT_SUFFIX
                     shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(path, aside)
+                    try:
+                        os.replace(path, aside)
+                    except FileNotFoundError:  # removed meanwhile (by another run): refused all the same
+                        _log(self.rank, f"checkpoint {path} vanished while being set aside")
                 self.backend.barrier()
                 continue
             self._check_same_run(path, read_meta(path))

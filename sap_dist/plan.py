@@ -27,14 +27,17 @@ P: all parameters, T: trained parameters (P for full fine-tuning, the LoRA adapt
 otherwise), w: bytes per element of the compute dtype (bf16: 2), h hidden size, I
 intermediate size, a/kv attention/key-value heads, d head dimension, V vocabulary.
 Peak = static parts + max(gathered + activations, optimizer step transient) + reserve.
-These are estimates for planning (typically within ~15% of a measured peak): leave headroom.
+These are estimates for planning (typically within ~15% of a measured peak), and torch sees
+less than a card's nominal size (about 79.2 of an "80 GB" card): a setting fits only when its
+estimate stays below the GPU memory less a headroom of 10% (`--headroom`), which the output states.
 
 The recommendation takes the fastest configuration that fits: no offload and no activation
 checkpointing at the largest per-GPU batch (up to `--max-batch-per-gpu`), then activation
 checkpointing (only if this sap-dist has a config key for it: it has none today, because
 SAP's probe passes take `torch.autograd.grad` through the model, see `sap_dist/models.py`),
-then ZeRO-3 optimizer offload, then optimizer and parameter offload (FSDP2 in sap-dist has no
-offload). Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
+then ZeRO-3 optimizer offload (full fine-tuning only: LoRA's optimizer state is tiny), then
+optimizer and parameter offload (FSDP2 in sap-dist has no offload). With the batch fixed (a
+run config, `--batch-size`), LoRA tries a smaller batch per GPU before any offload, and says so. Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
 Exit status: 0 when a configuration fits, 1 when none does (the smallest GPU count that would
 fit is printed), 2 for bad input.
 """
@@ -56,6 +59,8 @@ ARCH_DIR = os.path.join(os.path.dirname(__file__), "archs")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per weight of bitsandbytes NF4 with double quantization: 4 bits, an 8-bit absmax per
 block of 64 and an fp32 second-level constant per 256 blocks."""
+HEADROOM = 0.10
+"""Fraction of the GPU memory a fitting estimate must leave free (the estimate's accuracy)."""
 ZERO3_SUB_GROUP = 1_000_000_000
 """DeepSpeed ZeRO-3 `sub_group_size` default: the optimizer steps this many elements at a time."""
 PROBE_COPIES = 5
@@ -286,6 +291,11 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     out["activations"] = max(task, safety)
     out["step_transient"] = 4 * min(ZERO3_SUB_GROUP, T / n) if zero3 and not off_opt else 0.0
     out["reserve"] = reserve_gib * GiB
+    # CPU memory this GPU's offloaded partitions take (not part of `total`): the optimizer's fp32
+    # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter); the
+    # parameters (and SAP's copy of the trained ones) under parameter offload
+    out["host"] = ((T * 16 / n if off_opt else 0.0)
+                   + (base + (0 if full else T * t / n) + (T * t / n if s.sap else 0) if off_par else 0.0))
     static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"]
     out["total"] = static + max(out["gathered"] + out["activations"], out["step_transient"]) + out["reserve"]
     return out
@@ -307,7 +317,8 @@ def levels(backend: str, method: str) -> list[dict]:
         out.append({"activation_checkpointing": True})
     if backend == "zero3":
         ck = {"activation_checkpointing": True} if checkpointing_key() else {}
-        out.append(ck | {"offload_optimizer": True})
+        if method == "full":  # LoRA's optimizer state is a few MB: offloading it saves nothing
+            out.append(ck | {"offload_optimizer": True})
         if method != "qlora":
             out.append(ck | {"offload_optimizer": True, "offload_params": True})
     return out
@@ -323,6 +334,16 @@ class Plan:
     chosen_memory: Optional[dict]
     alternatives: list[tuple[Setup, dict]]
     min_gpus: Optional[int]
+    headroom: float = HEADROOM
+    gpus_per_node: int = 8
+    host_memory_gib: Optional[float] = None
+    batch_size: Optional[int] = None
+    """The global batch the plan was asked to keep (None: searched)."""
+
+    @property
+    def usable_gib(self) -> float:
+        """The memory an estimate must stay below: the GPU's less the headroom."""
+        return self.gpu_memory_gib * (1 - self.headroom)
 
     @property
     def fits(self) -> bool:
@@ -335,26 +356,42 @@ def _safety_per_gpu(gpus: int, batch_per_gpu: int, global_safety: Optional[int])
     return max(1, min(batch_per_gpu, math.ceil(DEFAULT_SAFETY_BATCH / gpus)))
 
 
+def host_per_node(m: dict, gpus: int, gpus_per_node: int) -> float:
+    """Bytes of CPU memory the offloaded partitions take on one node."""
+    return m["host"] * min(gpus, gpus_per_node)
+
+
 def search(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
-           batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None) -> tuple[Optional[Setup], Optional[dict]]:
-    """The fastest setting that fits (see the module docstring), or (None, None)."""
-    limit = gpu_memory_gib * GiB
+           batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None,
+           headroom: float = HEADROOM, gpus_per_node: int = 8,
+           host_memory_gib: Optional[float] = None) -> tuple[Optional[Setup], Optional[dict]]:
+    """The fastest setting that fits (see the module docstring), or (None, None). With
+    `host_memory_gib` (per node), offload settings needing more CPU memory are refused."""
+    limit = gpu_memory_gib * GiB * (1 - headroom)
     if batch_size is not None:
         batches = [max(1, math.ceil(batch_size / base.gpus))]
+        if base.method != "full":
+            # LoRA: a smaller batch per GPU (train.batch_size lowered) before any offload,
+            # which would slow every step to save almost nothing
+            batches = list(range(batches[0], 0, -1))
     else:
         batches = [b for b in BATCHES if b <= max_batch_per_gpu] or [1]
     for level in levels(base.backend, base.method):
         for b in batches:
             s = dataclasses.replace(base, batch_per_gpu=b, safety_per_gpu=_safety_per_gpu(base.gpus, b, safety_batch_size), **level)
             m = memory(arch, s, reserve_gib)
+            if host_memory_gib is not None and host_per_node(m, s.gpus, gpus_per_node) > host_memory_gib * GiB:
+                continue
             if m["total"] <= limit:
                 return s, m
     return None, None
 
 
 def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float = 2.0, max_batch_per_gpu: int = 8,
-              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None) -> Plan:
-    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size)
+              batch_size: Optional[int] = None, safety_batch_size: Optional[int] = None, headroom: float = HEADROOM,
+              gpus_per_node: int = 8, host_memory_gib: Optional[float] = None) -> Plan:
+    chosen, mem = search(arch, base, gpu_memory_gib, reserve_gib, max_batch_per_gpu, batch_size, safety_batch_size, headroom,
+                         gpus_per_node, host_memory_gib)
     alternatives = []
     b = chosen.batch_per_gpu if chosen else (max(1, math.ceil(batch_size / base.gpus)) if batch_size else 1)
     for level in [{}, {"activation_checkpointing": True}, {"offload_optimizer": True},
@@ -368,10 +405,12 @@ def make_plan(arch: Arch, base: Setup, gpu_memory_gib: float, reserve_gib: float
     min_gpus = None
     if chosen is None:
         for n in range(base.gpus + 1, 4097):
-            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size)[0]:
+            if search(arch, dataclasses.replace(base, gpus=n), gpu_memory_gib, reserve_gib, 1, None, safety_batch_size, headroom,
+                      gpus_per_node, host_memory_gib)[0]:
                 min_gpus = n
                 break
-    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus)
+    return Plan(arch, base, gpu_memory_gib, reserve_gib, chosen, mem, alternatives, min_gpus, headroom,
+                gpus_per_node, host_memory_gib, batch_size)
 
 
 def overrides(s: Setup) -> list[str]:
@@ -442,19 +481,34 @@ def render(plan: Plan) -> str:
             extra = f"  ({shown.batch_per_gpu} x {shown.seq_len} task, {2 * shown.safety_per_gpu} x {shown.safety_seq_len} safety)" if b.sap else f"  ({shown.batch_per_gpu} x {shown.seq_len})"
         lines.append(f"  {label:<36}{_gib(mem[key])}{extra}")
     lines.append(f"  {'of':<36}{plan.gpu_memory_gib:8.2f}")
+    lines.append(f"  {'usable (less {:.0%} headroom)'.format(plan.headroom):<36}{plan.usable_gib:8.2f}")
     lines.append("")
     lines.append(f"at {shown.batch_per_gpu} sequence(s) per GPU:")
     for s, m in plan.alternatives:
         note = ""
         if s.activation_checkpointing and not checkpointing_key():
             note = "  (no activation checkpointing in sap-dist yet)"
-        verdict = "fits" if m["total"] <= plan.gpu_memory_gib * GiB else "does not fit"
+        verdict = "fits" if m["total"] <= plan.usable_gib * GiB else "does not fit"
+        host = host_per_node(m, s.gpus, plan.gpus_per_node)
+        if host:
+            note += f"  (host memory per node: {host / GiB:.0f} GiB"
+            if plan.host_memory_gib is not None and host > plan.host_memory_gib * GiB:
+                note += f", more than --host-memory {plan.host_memory_gib:g}: refused"
+            note += ")"
         lines.append(f"  {_variant_name(s):<66}{_gib(m['total'])} GiB  {verdict}{note}")
     lines.append("")
     if plan.fits:
         c = plan.chosen
         lines.append(f"FITS: {_variant_name(c)}, {c.batch_per_gpu} sequence(s) per GPU "
-                     f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB)")
+                     f"({plan.chosen_memory['total'] / GiB:.1f} of {plan.gpu_memory_gib:g} GiB; fits are judged against "
+                     f"{plan.usable_gib:.1f} GiB, {plan.headroom:.0%} headroom for the estimate's accuracy)")
+        if plan.batch_size and c.batch_per_gpu * c.gpus < plan.batch_size:
+            lines.append(f"the batch does not fit as given: train.batch_size {plan.batch_size} -> {c.batch_per_gpu * c.gpus} "
+                         "(smaller batch per GPU rather than offload)")
+        host = host_per_node(plan.chosen_memory, c.gpus, plan.gpus_per_node)
+        if host:
+            lines.append(f"host memory per node for the offloaded state: {host / GiB:.0f} GiB "
+                         f"({min(c.gpus, plan.gpus_per_node)} GPUs per node; --host-memory refuses more)")
         lines.append("recommended overrides: " + " ".join(overrides(c)))
     else:
         lines.append(f"DOES NOT FIT on {b.gpus} x {plan.gpu_memory_gib:g} GiB"
@@ -473,6 +527,12 @@ def to_json(plan: Plan) -> dict:
         "trained_parameters": trained_params(a, b),
         "gpus": b.gpus,
         "gpu_memory_gib": plan.gpu_memory_gib,
+        "headroom": plan.headroom,
+        "usable_gib": plan.usable_gib,
+        "gpus_per_node": plan.gpus_per_node,
+        "host_memory_gib": plan.host_memory_gib,
+        "host_per_node_gib": (host_per_node(plan.chosen_memory, plan.chosen.gpus, plan.gpus_per_node) / GiB
+                              if plan.chosen_memory else None),
         "fits": plan.fits,
         "recommended": dataclasses.asdict(plan.chosen) if plan.chosen else None,
         "memory_bytes": plan.chosen_memory,
@@ -512,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-per-gpu", type=int, default=8, help="largest per-GPU batch the search tries (default 8)")
     p.add_argument("--sft", action="store_true", help="plain fine-tuning (no SAP copy, no safety pass)")
     p.add_argument("--reserve-gib", type=float, default=2.0, help="per-GPU memory kept free (default 2)")
+    p.add_argument("--headroom", type=float, default=HEADROOM,
+                   help="fraction of the GPU memory a fitting estimate leaves free (default 0.10: the estimate's accuracy)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for the host memory per node (default 8)")
+    p.add_argument("--host-memory", type=float, help="CPU memory per node in GiB: offload settings needing more are refused")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -569,7 +633,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             raise PlanError(f"{key}={value} is a global batch size and must be a positive multiple of --gpus {base.gpus}")
     arch = load_arch(model)
     trained_params(arch, base)  # validates the LoRA targets
-    return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size)
+    if not 0 <= args.headroom < 1:
+        raise PlanError(f"--headroom {args.headroom} must be a fraction in [0, 1)")
+    if args.gpus_per_node < 1 or (args.host_memory is not None and args.host_memory <= 0):
+        raise PlanError("--gpus-per-node must be at least 1 and --host-memory positive")
+    return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size,
+                     args.headroom, args.gpus_per_node, args.host_memory)
 
 
 if __name__ == "__main__":

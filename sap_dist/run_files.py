@@ -17,6 +17,8 @@ from sap_dist.config import ConfigError
 RUN_FILE_PATTERNS = (
     # sap-dist's own
     "config.yaml", "metrics.jsonl", "summary.json", "probe.pt", "sap_dist_model.json",
+    # the run lock and the requeue marker (sap_dist.checkpoint.RUN_LOCK, REQUEUE_MARKER)
+    ".lock", ".requeue", ".requeue.*.tmp",
     # the saved adapter or model (peft and transformers save_pretrained)
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
     "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
@@ -25,8 +27,12 @@ RUN_FILE_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
 )
-RUN_DIRS = ("tensorboard", "wandb", "checkpoints")
-"""Folders a run writes into its output directory (checkpoints: the default checkpoint.dir)."""
+RUN_DIRS = ("tensorboard", "wandb", "checkpoints", "logs", "nccl_flight_recorder")
+"""Folders a run writes into its output directory (checkpoints: the default checkpoint.dir;
+logs and the NCCL flight recorder: the Slurm launch's per-rank logs)."""
+
+KEEP_ON_OVERWRITE = (".lock",)
+"""Entries the starting run itself holds (its lock, taken before the directory is cleared)."""
 
 
 def is_run_entry(name: str, path: str) -> bool:
@@ -48,6 +54,8 @@ def clear_previous_run(out: str) -> None:
                           "deletes only a previous run's files: choose another train.output_dir")
     for name in names:
         path = os.path.join(out, name)
+        if name in KEEP_ON_OVERWRITE:
+            continue
         if os.path.isdir(path):
             shutil.rmtree(path)
         else:

@@ -24,9 +24,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
+from sap_dist.backends import (OptimizerSpec, check_backend_installed, check_launcher_env, launch_from_env,
+                               prepare_loading)
 from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Checkpointer,
-                                 CheckpointWriteError, Preempted, StopRequest, checkpoint_dir, data_fingerprint, list_checkpoints,
+                                 CheckpointWriteError, Preempted, RunLock, StopRequest, clear_requeue_marker,
+                                 preempt_exit_code, watch_launcher, write_requeue_marker, checkpoint_dir,
+                                 data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
@@ -277,16 +280,41 @@ def run(cfg: Config) -> dict:
 def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object], None] | None = None) -> TrainResult:
     """Train according to `cfg`; returns the summary and the trained model. `on_step_end(steps_done,
     model, tokenizer)` is called after every step with the unwrapped model (e.g. to evaluate it part
-    way; it must leave the model as it found it)."""
+    way; it must leave the model as it found it). Rank 0 holds the
+    run directory's lock for the life of the run; a run stopped by a stop request leaves the
+    requeue marker there (REQUEUE_MARKER) for the batch script."""
+    launcher_pid = watch_launcher()  # first thing: a worker whose torchrun dies stops too
+    check_launcher_env(cfg.dist.backend, cfg.model.dtype)  # accelerate's choices sap-dist would ignore
+    check_backend_installed(cfg.dist.backend, cfg.dist.zero_stage)  # a missing DeepSpeed: one line, nothing written
+    out = cfg.train.output_dir
+    if cfg.sap.method == "sap":  # refused before anything is written (the lock creates the directory)
+        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, launch_from_env().world_size)
+        if cfg.train.max_steps is not None:
+            _check_intervals(cfg, cfg.train.max_steps)
+    try:
+        lock = RunLock(out).acquire() if launch_from_env().rank == 0 else None
+    except OSError as exc:  # a file in the way, a path under a file, no permission
+        raise ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})") from None
+    try:
+        if lock:
+            clear_requeue_marker(out)
+        return _train_model(cfg, launcher_pid, on_step_end)
+    except Preempted as exc:
+        if lock:
+            write_requeue_marker(out, {"checkpoint": exc.checkpoint, "message": str(exc)})
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_model(cfg: Config, launcher_pid: int | None = None,
+                 on_step_end: Callable[[int, torch.nn.Module, object], None] | None = None) -> TrainResult:
     from sap_dist.models import load_model, load_tokenizer
 
     started = time.time()
     launch = launch_from_env()
     rank, world_size = launch.rank, launch.world_size
-    if cfg.sap.method == "sap":  # refused before anything is written
-        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, world_size)
-        if cfg.train.max_steps is not None:
-            _check_intervals(cfg, cfg.train.max_steps)
     candidates, explicit = resume_candidates(cfg, world_size)  # checkpoints to try, newest first
     out = _setup_output_dir(cfg, rank, resuming=bool(candidates))
     torch.manual_seed(cfg.train.seed)
@@ -331,7 +359,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
 
     status, stop_message, step = "completed", None, start_step
     tokens_seen, step_times = (resumed["tokens_seen"], resumed["step_times"]) if resumed else (0, [])
-    stop = StopRequest()  # SIGTERM/SIGUSR1: checkpoint and exit EXIT_REQUEUE at the next step boundary
+    stop = StopRequest(launcher_pid=launcher_pid)  # SIGTERM/SIGUSR1: checkpoint and exit EXIT_REQUEUE at the next step boundary
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -481,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         print(f"sap-dist train: rank {launch_from_env().rank}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_REQUEUE
+        return preempt_exit_code()
     except CheckpointWriteError as exc:
         print(f"sap-dist train: rank {launch_from_env().rank}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT_WRITE_FAILED

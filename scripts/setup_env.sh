@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment .venv and install sap-dist into it.
+#   bash scripts/setup_env.sh                 -> on a GPU node: pip install -e ".[cluster]"
+#                                                (DeepSpeed: everything the slurm/ recipes use);
+#                                                elsewhere: pip install -e .
 #   EXTRAS=test bash scripts/setup_env.sh     -> pip install -e ".[test]"
 # CPU machines (no nvidia-smi) get torch pinned by constraints/cpu.txt, because an unpinned
 # torch pulls a multi-GB CUDA build; machines with a GPU keep whatever torch pip picks (or the
@@ -21,7 +24,9 @@ if [ "$cpu" = 1 ]; then
   # torch first, alone, so nothing else can pull a CUDA build in before the pin applies
   "${PIP[@]}" install "${constraints[@]}" torch
 fi
+# a GPU node is a cluster node: it gets what the recipes run (dist.backend=zero3 needs DeepSpeed)
+[ "$cpu" = 0 ] && EXTRAS=${EXTRAS-cluster}
 spec="."
 [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-"${PIP[@]}" install "${constraints[@]}" -e "$spec"
+"${PIP[@]}" install ${constraints[@]+"${constraints[@]}"} -e "$spec"
 echo "environment ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

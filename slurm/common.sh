@@ -6,8 +6,9 @@
 # for preemption after writing a checkpoint.
 #
 # Environment (all optional; sbatch passes the submitting shell's environment on):
-#   SAP_ROOT            sap-dist checkout, on a filesystem every node sees (default: the
-#                       directory sbatch was run from, $SLURM_SUBMIT_DIR)
+#   SAP_ROOT            sap-dist checkout, on a filesystem every node sees (default: the one
+#                       the submitted script is in, whatever directory sbatch ran from);
+#                       the job runs in it, so relative paths below are relative to it
 #   SAP_PYTHON          python with sap-dist installed (default: $SAP_ROOT/.venv/bin/python
 #                       if it exists, else python3)
 #   SAP_CONFIG          run config (default: the script's recipe in configs/)
@@ -27,7 +28,11 @@
 #   SAP_MAX_REQUEUES    give up requeueing after this many restarts (default 20)
 #   SAP_SIGNAL_REPEAT   seconds between repeats of the forwarded stop signal while the run
 #                       is still going (it may still be loading the model; default 60)
-#   SAP_DRY_RUN=1       print the srun and torchrun command lines instead of running them
+#   SAP_DRY_RUN=1       print the fetch-model, srun and torchrun command lines instead of
+#                       running them
+#   HF_HOME             Hugging Face cache, on a filesystem every node sees (default:
+#                       $SAP_ROOT/.cache/huggingface); `sap-dist fetch-model` fills it once on
+#                       the batch host, then the ranks run with HF_HUB_OFFLINE=1
 #
 # NCCL (set only where unset, so any of them can be overridden from the submitting shell):
 #   NCCL_DEBUG=WARN                 INFO prints the transport and interfaces NCCL picked
@@ -44,8 +49,11 @@
 # every process of the job step (`scancel --signal=USR1`, which reaches the training
 # processes themselves, not just the launchers, and is repeated every SAP_SIGNAL_REPEAT
 # seconds until the step ends). sap-dist's trainer finishes its step, all ranks write one
-# checkpoint at the same step boundary and exit with 75 (EX_TEMPFAIL, "requeue me"), leaving
-# summary.json with status "preempted". This shell then runs `scontrol requeue`; the requeued
+# checkpoint at the same step boundary, write the marker $SAP_OUTPUT_DIR/.requeue (atomically)
+# and exit 0 (node.sh sets SAP_PREEMPT_EXIT_CODE=0: torchrun would turn the trainer's 75 into
+# 1 with a ChildFailedError traceback), leaving summary.json with status "preempted". This
+# shell removes any old marker before it starts the step and, finding a new one after it,
+# runs `scontrol requeue`; the requeued
 # job (same job id, so the same output directory) starts with checkpoint.resume_from=auto
 # and continues from the newest complete checkpoint. SIGTERM (scancel, or Slurm's own
 # preemption with GraceTime) also reaches every process and makes the trainer checkpoint,
@@ -77,11 +85,10 @@ sap_head_address() {
   echo "${addr:-$head}"
 }
 
-# Status of the run in summary.json ("completed", "preempted", ...), if newer than $1 (epoch s).
+# Status of the run in summary.json ("completed", "preempted", ...), for the log only.
 sap_run_status() {
-  local summary="$SAP_OUTPUT_DIR/summary.json" since=$1
+  local summary="$SAP_OUTPUT_DIR/summary.json"
   [ -f "$summary" ] || return 0
-  [ "$(stat -c %Y "$summary")" -ge "$since" ] || return 0
   "$SAP_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("status", ""))' "$summary" 2>/dev/null || true
 }
 
@@ -108,7 +115,7 @@ sap_run() {
     echo "submit this script with sbatch (or set SAP_DRY_RUN=1 to print its commands)" >&2
     return 2
   fi
-  SAP_ROOT=${SAP_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+  SAP_ROOT=${SAP_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
   cd "$SAP_ROOT" || return 2
   if [ -z "${SAP_PYTHON:-}" ]; then
     if [ -x "$SAP_ROOT/.venv/bin/python" ]; then SAP_PYTHON=$SAP_ROOT/.venv/bin/python; else SAP_PYTHON=python3; fi
@@ -136,9 +143,10 @@ sap_run() {
   if [ -n "${SAP_EXTRA_ARGS:-}" ]; then
     read -r -a extra <<<"$SAP_EXTRA_ARGS"
   fi
-  args+=("${extra[@]}" "$@")
+  # ${a[@]+"${a[@]}"}: an empty array under set -u is an error in bash < 4.4 (older clusters)
+  args+=(${extra[@]+"${extra[@]}"} "$@")
   local arg
-  for arg in "${extra[@]}" "$@"; do  # an output_dir given as an override is the one to watch
+  for arg in ${extra[@]+"${extra[@]}"} "$@"; do  # an output_dir given as an override is the one to watch
     case $arg in train.output_dir=* | --train.output_dir=*) SAP_OUTPUT_DIR=${arg#*=} ;; esac
   done
 
@@ -155,12 +163,29 @@ sap_run() {
   export SAP_ROOT SAP_PYTHON SAP_CONFIG SAP_OUTPUT_DIR SAP_RDZV_ENDPOINT
 
   local srun_cmd=(srun --kill-on-bad-exit=1 --label --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1)
-  # srun does not take the job's --cpus-per-task over by itself (Slurm >= 22.05)
-  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_cmd+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  # The one launcher per node gets every CPU the job has there (the fewest over the nodes,
+  # from e.g. "128(x2)"), not --cpus-per-task: node.sh splits them between its ranks.
+  local node_cpus
+  node_cpus=$(tr ',' '\n' <<<"${SLURM_JOB_CPUS_PER_NODE:-}" | sed 's/(.*//' | grep -E '^[0-9]+$' | sort -n | head -n 1 || true)
+  [ -n "$node_cpus" ] && srun_cmd+=(--cpus-per-task="$node_cpus")
   srun_cmd+=(bash "$SAP_ROOT/slurm/node.sh" "${args[@]}")
   sap_log "job $job_id ($job_name), restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) ${SLURM_JOB_NODELIST:-}, rendezvous $SAP_RDZV_ENDPOINT"
   sap_log "config $SAP_CONFIG, output $SAP_OUTPUT_DIR, python $SAP_PYTHON"
   sap_log "overrides: ${args[*]}"
+  # The model, once, before any rank starts: downloaded into HF_HOME (on the shared
+  # filesystem) unless already there; the ranks then run offline against it. A missing model
+  # ends the job here, before any GPU time is spent. (sap_dist/fetch.py)
+  : "${HF_HOME:=$SAP_ROOT/.cache/huggingface}"
+  export HF_HOME
+  local fetch_cmd=("$SAP_PYTHON" -m sap_dist.cli fetch-model --config "$SAP_CONFIG" "${args[@]}")
+  if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "${fetch_cmd[@]}"
+    echo
+  elif ! "${fetch_cmd[@]}"; then
+    sap_log "the model is not available (see the line above): nothing started"
+    return 2
+  fi
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${srun_cmd[@]}"
     echo
@@ -173,8 +198,10 @@ sap_run() {
   SAP_LAST_FORWARD=0
   trap sap_on_usr1 USR1
   trap sap_on_term TERM
-  local started rc pid rcfile
-  started=$(date +%s)
+  local rc pid rcfile marker="$SAP_OUTPUT_DIR/.requeue"
+  # The trainer writes this marker (atomically, after its checkpoint) when it stopped on a
+  # stop request; one left by an earlier attempt must not count.
+  rm -f "$marker"
   rcfile=$(mktemp)
   # srun in the background, so that this shell can run its traps while the job step runs
   # (bash runs a trap only between commands; `wait` returns early for it). On a cancel Slurm
@@ -199,9 +226,9 @@ sap_run() {
   rm -f "$rcfile"
   trap - USR1 TERM
   local status
-  status=$(sap_run_status "$started")
+  status=$(sap_run_status)
   sap_log "training step exited with $rc; run status: ${status:-unknown}"
-  if [ "$status" = preempted ] || [ "$rc" = "$SAP_EXIT_REQUEUE" ]; then
+  if [ -f "$marker" ] || [ "$rc" = "$SAP_EXIT_REQUEUE" ]; then
     if [ "$SAP_GOT_TERM" = 1 ]; then
       sap_log "stopped by SIGTERM: checkpoint written, not requeueing (resubmit with SAP_OUTPUT_DIR=$SAP_OUTPUT_DIR to continue)"
       return "$SAP_EXIT_REQUEUE"

@@ -9,34 +9,55 @@ set -euo pipefail
 nproc=${SAP_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 node_id=${SLURM_NODEID:-0}
 nnodes=${SLURM_JOB_NUM_NODES:-1}
-cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
-# CPU threads per training process: this node's CPU share split between its processes
+# CPU threads per training process: the CPUs this launcher may really use (its affinity, which
+# srun gave all of the job's CPUs on the node; at most what Slurm allocated on the node) split
+# between its processes. --cpus-per-task is not it: on an exclusive node it leaves most CPUs
+# idle, and the offload variants run the optimizer on the CPU.
+cpus=$(nproc)
+if [ -n "${SLURM_CPUS_ON_NODE:-}" ] && [ "$SLURM_CPUS_ON_NODE" -lt "$cpus" ]; then cpus=$SLURM_CPUS_ON_NODE; fi
 threads=$((cpus / nproc))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}
+# Usual GPU-cluster settings (each overridable from the submitting shell):
+# the caching allocator grows segments instead of fragmenting on varying sequence lengths;
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# a timed-out NCCL collective dumps every rank's recent collectives (the flight recorder) next
+# to the run, which says which rank hung where (torch.distributed.flight_recorder reads them).
+export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$SAP_OUTPUT_DIR/nccl_flight_recorder/rank_}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$TORCH_FR_DUMP_TEMP_FILE}
+log_dir=$SAP_OUTPUT_DIR/logs/node-$node_id
 # The first node hosts the rendezvous store; the others connect to it.
 is_host=false
 [ "$node_id" = 0 ] && is_host=true
 
 # Preemption: Slurm delivers SIGUSR1 (forwarded by the batch shell) and SIGTERM to every
 # process of the job step, the training processes included. Those checkpoint at the next
-# step boundary and exit 75; torchrun must outlive the signal meanwhile: it would die of
-# SIGUSR1, and on SIGTERM it kills its workers after 30 s. So the launcher ignores both
-# (the trainer installs its own handlers over the inherited "ignore"), and Slurm's
-# KillWait/GraceTime still bound how long a stop may take.
+# step boundary and exit; torchrun must outlive the signal meanwhile: it would die of
+# SIGUSR1, and on a SIGTERM it handles itself it forwards it and SIGKILLs its workers 30 s
+# later, whatever GraceTime is. So the launcher ignores both (the trainer installs its own
+# handlers over the inherited "ignore") and torchrun is told not to handle SIGTERM with its
+# own option (it overwrites TORCHELASTIC_SIGNALS_TO_HANDLE from that option's default).
+# Slurm's KillWait/GraceTime still bound how long a stop may take.
 trap '' USR1 TERM
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+# A stopped run exits 0 after writing OUTPUT_DIR/.requeue (torchrun would turn the trainer's
+# 75 into 1 and print a ChildFailedError traceback); slurm/common.sh requeues on that marker.
+export SAP_PREEMPT_EXIT_CODE=0
+torchrun_signals=SIGINT,SIGHUP,SIGQUIT  # not SIGTERM (see above)
 
 cmd=("${SAP_PYTHON:-python3}" -m torch.distributed.run
      --nnodes="$nnodes" --nproc-per-node="$nproc"
      --rdzv-backend=c10d --rdzv-endpoint="$SAP_RDZV_ENDPOINT"
      --rdzv-id="sap-${SLURM_JOB_ID:-0}-${SLURM_RESTART_COUNT:-0}" --rdzv-conf="is_host=$is_host"
-     --max-restarts=0
+     --max-restarts=0 --signals-to-handle="$torchrun_signals"
+     --log-dir="$log_dir" --tee=3
      -m sap_dist.train --config "$SAP_CONFIG" "$@")
 
-echo "node $node_id/$nnodes $(hostname): $nproc process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, rendezvous host: $is_host"
+echo "node $node_id/$nnodes $(hostname): $nproc process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, rendezvous host: $is_host, per-rank logs: $log_dir"
 if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
 fi
+mkdir -p "$log_dir" "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
 exec "${cmd[@]}"

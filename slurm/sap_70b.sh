@@ -16,7 +16,9 @@
 #     of                                     80.00
 #   FITS: no offload, no checkpointing, 2 sequence(s) per GPU (45.7 of 80 GiB)
 #
-# Submit from the sap-dist checkout (on a filesystem every node sees; logs go to logs/):
+# Submit from any directory (the checkout must be on a filesystem every node sees; the log is
+# <job name>-<job id>.out in the directory you submit from; relative paths in the variables and
+# overrides below are relative to the checkout):
 #   sbatch slurm/sap_70b.sh                                  # 2 nodes x 8 GPUs
 #   sbatch --nodes=4 slurm/sap_70b.sh sap.safety_batch_size=32   # node count from the command line
 #   SAP_MODEL=/models/my-70b SAP_TASK_DATA=/data/task.jsonl sbatch slurm/sap_70b.sh
@@ -35,9 +37,18 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 SAP_RECIPE=configs/sap_70b.yaml
+# The checkout is the one this script lives in. Slurm runs a copy of it from its spool
+# directory, so under sbatch its own path is the Command Slurm recorded for the job.
+if [ -z "${SAP_ROOT:-}" ]; then
+  sap_self=
+  [ -n "${SLURM_JOB_ID:-}" ] && [ "${SAP_DRY_RUN:-0}" != 1 ] && sap_self=$(scontrol show job -o "$SLURM_JOB_ID" | sed -n 's/.* Command=\([^ ]*\).*/\1/p' || true)
+  sap_self=${sap_self:-${BASH_SOURCE[0]}}
+  case $sap_self in /*) ;; *) sap_self=${SLURM_SUBMIT_DIR:-$PWD}/$sap_self ;; esac
+  SAP_ROOT=$(cd "$(dirname "$sap_self")/.." && pwd)
+fi
 # shellcheck source=slurm/common.sh
-source "${SAP_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+source "$SAP_ROOT/slurm/common.sh"
 sap_run "$@"

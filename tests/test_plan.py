@@ -183,3 +183,61 @@ def test_recipe_configs_fit_their_scripts():
         assert result.returncode == 0, (size, result.stdout, result.stderr)
         script = open(os.path.join(root, "slurm", f"sap_{size}.sh")).read()
         assert f"sap-dist plan --config configs/sap_{size}.yaml --gpus {gpus} --gpu-memory 80" in script
+
+
+def test_a_fit_leaves_the_stated_headroom():
+    """The search never recommends a setting above 90% of the card (the estimate's accuracy,
+    and torch sees less than a card's nominal size), and says so; --headroom 0 lets it."""
+    import io
+    from contextlib import redirect_stdout
+
+    from sap_dist.plan import main as plan_main
+
+    args = ["--model", "llama-2-7b", "--gpus", "8", "--gpu-memory", "80", "--json"]
+    for headroom, limit in ((None, 72.0), ("0", 80.0)):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            plan_main(args + (["--headroom", headroom] if headroom else []))
+        plan = json.loads(buf.getvalue())
+        assert plan["usable_gib"] == pytest.approx(limit)
+        assert plan["memory_gib"]["total"] <= limit
+    text = io.StringIO()
+    with redirect_stdout(text):
+        plan_main(args[:-1])
+    assert "10% headroom" in text.getvalue() and "72.0 GiB" in text.getvalue()
+
+
+def _plan_json(*args: str) -> dict:
+    import io
+    from contextlib import redirect_stdout
+
+    from sap_dist.plan import main as plan_main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        plan_main([*args, "--json"])
+    return json.loads(buf.getvalue())
+
+
+def test_offload_plans_report_host_memory_per_node_and_honour_host_memory():
+    """Full fine-tuning of 70B with optimizer offload: 16 bytes per parameter on the CPU
+    (fp32 master, Adam m, v, fp32 gradient), split over the nodes: ~0.5 TiB per node on 16 GPUs,
+    ~1 TiB on 8. A --host-memory below that refuses the offload plans."""
+    common = ["--model", "llama-2-70b", "--method", "full", "--gpu-memory", "80"]
+    on16 = _plan_json(*common, "--gpus", "16")
+    on8 = _plan_json(*common, "--gpus", "8")
+    for plan, tib in ((on16, 0.5), (on8, 1.0)):
+        assert plan["recommended"]["offload_optimizer"], plan["recommended"]
+        assert plan["host_per_node_gib"] == pytest.approx(tib * 1024, rel=0.1)
+    refused = _plan_json(*common, "--gpus", "8", "--host-memory", "512")
+    assert not refused["fits"] and refused["host_memory_gib"] == 512  # every offload plan needs more than 512 GiB
+
+
+def test_lora_with_a_fixed_batch_prefers_a_smaller_batch_to_offload():
+    """LoRA on 8 GPUs with a batch too large per GPU: a smaller train.batch_size, never
+    optimizer offload (16M adapter parameters: nothing to save)."""
+    plan = _plan_json("--model", "llama-2-70b", "--method", "lora", "--gpus", "8", "--gpu-memory", "80",
+                      "--batch-size", "64", "--seq-len", "512")
+    chosen = plan["recommended"]
+    assert plan["fits"] and not chosen["offload_optimizer"] and not chosen["offload_params"], chosen
+    assert chosen["batch_per_gpu"] < 8

@@ -79,11 +79,11 @@ def test_sbatch_headers(size):
     text = (ROOT / "slurm" / f"sap_{size}.sh").read_text()
     opts = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
     assert opts["signal"].startswith("B:USR1@") and "requeue" in opts and opts["ntasks-per-node"] == "1"
-    assert opts["output"] == "logs/%x-%j.out" and opts["open-mode"] == "append"  # per job, kept across requeues
+    assert opts["output"] == "%x-%j.out" and opts["open-mode"] == "append"  # per job, kept across requeues
     assert f"SAP_RECIPE=configs/sap_{size}.yaml" in text and (ROOT / "configs" / f"sap_{size}.yaml").exists()
     assert re.search(r"sap-dist plan --config configs/sap_%s\.yaml --gpus \d+ --gpu-memory 80" % size, text)
     assert "FITS" in text
-    assert (ROOT / "logs" / ".gitignore").exists()  # --output's directory exists in every checkout
+
     common = (ROOT / "slurm" / "common.sh").read_text()
     assert "--kill-on-bad-exit=1" in common and "scontrol requeue" in common
 
@@ -121,10 +121,33 @@ def test_defaults_and_per_node_values():
     assert "output /scratch/o," in _dry_run({}, "train.output_dir=/scratch/o")
     # node.sh evaluates its values on the node: node 1 does not host the rendezvous
     env = dict(os.environ, SAP_DRY_RUN="1", SAP_PYTHON=sys.executable, SLURM_NODEID="1", SLURM_JOB_NUM_NODES="2",
-               SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml")
+               SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32", SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml",
+               SAP_OUTPUT_DIR="/scratch/o")
     env.pop("OMP_NUM_THREADS", None)
     node = subprocess.run(["bash", "slurm/node.sh", "a.b=1"], capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    assert "is_host=false" in node and "--nproc-per-node=4" in node and "OMP_NUM_THREADS=8" in node
+    assert "is_host=false" in node and "--nproc-per-node=4" in node
+    # torchrun leaves SIGTERM to the workers; per-rank logs beside the run
+    assert r"--signals-to-handle=SIGINT\,SIGHUP\,SIGQUIT" in node and "--log-dir=/scratch/o/logs/node-1" in node
+    # threads per rank from the CPUs the launcher really has (its affinity), not --cpus-per-task,
+    # at most what Slurm allocated on the node
+    real = len(os.sched_getaffinity(0))
+    for on_node, want in (("1024", real), ("1", 1)):
+        one_gpu = dict(env, SLURM_GPUS_ON_NODE="1", SLURM_CPUS_ON_NODE=on_node)
+        node = subprocess.run(["bash", "slurm/node.sh"], capture_output=True, text=True, cwd=ROOT, env=one_gpu).stdout
+        assert f"OMP_NUM_THREADS={want}," in node, (on_node, node)
+    # the launcher step gets every CPU the job has on a node (the fewest over the nodes)
+    srun = next(line for line in _dry_run({"SLURM_JOB_CPUS_PER_NODE": "128(x2),64"}).splitlines() if line.startswith("srun "))
+    assert "--cpus-per-task=64" in srun
+
+
+def test_the_model_is_fetched_once_before_the_ranks_which_run_offline():
+    out = _dry_run({"SAP_MODEL": "org/model"})
+    lines = out.splitlines()
+    fetch = next(i for i, line in enumerate(lines) if "sap_dist.cli fetch-model" in line)
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert fetch < srun and "model.name_or_path=org/model" in lines[fetch] and "--config configs/sap_70b.yaml" in lines[fetch]
+    common = (ROOT / "slurm" / "common.sh").read_text()
+    assert "export HF_HUB_OFFLINE=1" in common and ': "${HF_HOME:=' in common
 
 
 def test_refuses_to_run_outside_slurm():
@@ -235,8 +258,8 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
             if _alive(pid):
                 os.kill(pid, signal.SIGTERM)
 
-    def sbatch(self, *args: str, env: dict) -> int:
-        result = subprocess.run([_which("sbatch"), "--parsable", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    def sbatch(self, *args: str, env: dict, cwd: Path = ROOT) -> int:
+        result = subprocess.run([_which("sbatch"), "--parsable", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
         assert result.returncode == 0, result.stderr
         return int(result.stdout.strip().split(";")[0])
 
@@ -289,15 +312,17 @@ CPU_OVERRIDES = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory, embedded_dir):
     """The real slurm/sap_7b.sh on the tiny model, run to the end (also the reference for the
-    preemption round trip); its log goes where the script says, logs/sap-7b-<job>.out.
+    preemption round trip). Submitted from another directory than the checkout, by the
+    script's absolute path, as a user does: its log goes where the script says, the submit
+    directory's sap-7b-<job>.out.
     (`embedded_dir`: the tiny model's tokenizer is cached before two ranks ask for it.)"""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    elsewhere = tmp_path_factory.mktemp("submit-dir")
     started = time.time()
-    job_id = cluster.sbatch(*CPU_OVERRIDES, "slurm/sap_7b.sh", env=_job_env(cluster, out))
+    job_id = cluster.sbatch(*CPU_OVERRIDES, str(ROOT / "slurm" / "sap_7b.sh"), env=_job_env(cluster, out), cwd=elsewhere)
     info = cluster.wait(job_id)
-    log_file = ROOT / "logs" / f"sap-7b-{job_id}.out"
+    log_file = elsewhere / f"sap-7b-{job_id}.out"
     log = log_file.read_text() if log_file.exists() else ""
-    log_file.unlink(missing_ok=True)
     return {"job": job_id, "info": info, "log": log, "out": out, "seconds": time.time() - started}
 
 
@@ -306,8 +331,10 @@ def test_sap_7b_script_runs_the_tiny_model_on_two_nodes(uninterrupted, cluster):
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-5000:]}\n{cluster.logs()}"
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
     # one launcher per node, evaluated on the node; node 0 hosts the rendezvous
-    assert re.search(r"^\d: node 0/2 \S+: 1 process\(es\).*rendezvous host: true$", log, re.M), log[-3000:]
-    assert re.search(r"^\d: node 1/2 \S+: 1 process\(es\).*rendezvous host: false$", log, re.M)
+    assert re.search(r"^\d: node 0/2 \S+: 1 process\(es\).*rendezvous host: true, per-rank logs: \S+/logs/node-0$", log, re.M), log[-3000:]
+    assert re.search(r"^\d: node 1/2 \S+: 1 process\(es\).*rendezvous host: false, per-rank logs: \S+/logs/node-1$", log, re.M)
+    assert list((out / "logs" / "node-0").rglob("stderr.log"))  # torchrun's per-rank logs
+    assert re.search(r"^model tiny-random-llama: ", log, re.M)  # fetched once, by the batch shell, before the ranks
     assert "rendezvous 127.0.0.1:" in log and "run status: completed" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["steps"] == 6
@@ -350,6 +377,9 @@ def test_preemption_signal_requeue_and_resume_to_the_same_weights(uninterrupted,
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
     assert info["Restarts"] == "1", log[-6000:]  # requeued once by the script
     assert "SIGUSR1" in log and "requeueing job" in log and "restart 1:" in log
+    # a planned stop is not a failure: no launcher traceback (torchrun turns a worker's 75 into
+    # ChildFailedError); the requeue rests on the trainer's marker, not on an exit code
+    assert "Traceback" not in log and "ChildFailedError" not in log, log[-6000:]
     # the signal reached the training processes themselves: both ranks stopped on it
     assert len(re.findall(r"rank \d: stopped by SIGUSR1", log)) == 2, log[-6000:]
     assert re.search(r"resumed from \S+/checkpoints/step-\d+", log)
@@ -362,3 +392,31 @@ def test_preemption_signal_requeue_and_resume_to_the_same_weights(uninterrupted,
     for name in reference:
         assert torch.equal(resumed[name], reference[name]), name
     print(f"\npreemption round trip (signal, checkpoint, requeue, resume): {time.time() - started:.0f} s")
+
+
+def test_scancel_sigterm_checkpoints_without_torchrun_killing_the_workers(cluster, tmp_path, embedded_dir):
+    """`scancel` (and Slurm's own preemption with GraceTime) sends SIGTERM to every process of
+    the job. torchrun must leave it to the workers (with its default signal handling it
+    forwards it, SIGKILLs them 30 s later and fails with a traceback): both ranks checkpoint
+    at the step boundary and the batch script does not requeue a cancel."""
+    if not _has_checkpointing():
+        pytest.skip("this sap-dist has no checkpointing yet")
+    out = tmp_path / "cancelled"
+    env = _job_env(cluster, out)
+    env["SAP_EXTRA_ARGS"] = TINY.replace("train.max_steps=6", "train.max_steps=400")
+    job_id = cluster.sbatch(*CPU_OVERRIDES, str(ROOT / "slurm" / "sap_7b.sh"), env=env, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + JOB_TIMEOUT
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert time.time() < deadline and cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job_id)
+        time.sleep(0.5)
+    cluster.run("scancel", str(job_id))  # SIGTERM to every process of the job, SIGKILL after KillWait
+    info = cluster.wait(job_id)
+    time.sleep(2)  # the log's last lines
+    log = (tmp_path / f"sap-7b-{job_id}.out").read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n{log[-6000:]}"
+    assert "death signal" not in log and "SignalException" not in log, log[-6000:]  # torchrun kept out of it
+    assert len(re.findall(r"rank \d: stopped by SIGTERM", log)) == 2, log[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["last_checkpoint"], summary
+    assert (out / ".requeue").exists() and "not requeueing" in log

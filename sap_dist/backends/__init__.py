@@ -233,6 +233,47 @@ class _PartitionedLoading(Loading):
             yield self.launch.rank == 0
 
 
+def check_launcher_env(backend: str, dtype: str, env: dict | None = None) -> None:
+    """Refuse what `accelerate launch` asked for and sap-dist would silently not do: an explicit
+    `dist.backend` of another kind than accelerate's config (DeepSpeed or FSDP), and a
+    `--mixed_precision` other than the config's `model.dtype` (sap-dist's only precision
+    setting; accelerate's default "no" says nothing and is accepted)."""
+    from sap_dist.config import ConfigError
+
+    env = os.environ if env is None else env
+    kind = ("DeepSpeed" if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE
+            else "FSDP" if env.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE else None)
+    deepspeed_backend = backend == "deepspeed" or backend in _DS_NAMES
+    if backend != "auto" and kind and deepspeed_backend != (kind == "DeepSpeed"):
+        raise ConfigError(f"dist.backend={backend} contradicts the accelerate config, which asks for {kind}: "
+                          "set dist.backend=auto (accelerate's choice) or launch with a matching accelerate config")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if precision not in ("", "no") and precision != dtype:
+        raise ConfigError(f"accelerate --mixed_precision {precision} is not how sap-dist sets precision: it trains in "
+                          f"model.dtype (fp32 or bf16; this config: {dtype}); set model.dtype"
+                          + ("=bf16 and drop --mixed_precision" if precision == "bf16" else " and drop --mixed_precision"))
+
+
+def _require_deepspeed(name: str) -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:
+        from sap_dist.config import ConfigError
+
+        raise ConfigError(f"dist.backend={name} needs DeepSpeed, which is not installed ({exc}); set the node up with "
+                          "`bash scripts/setup_env.sh` (on a GPU node it installs the `cluster` extra) or "
+                          "`pip install -e '.[cluster]'`") from None
+
+
+def check_backend_installed(name: str, zero_stage: int | None = None) -> None:
+    """The packages backend `name` (`auto`: from the launcher's environment) needs are
+    importable; ConfigError naming the setup command otherwise. Run first thing in a run, before
+    any data is read or output written."""
+    resolved = resolve_backend(name, zero_stage)
+    if resolved == "deepspeed" or resolved in _DS_NAMES:
+        _require_deepspeed(resolved)
+
+
 def prepare_loading(name: str, dist_cfg=None) -> Loading:
     """First half of `create_backend`, run before the model is loaded: resolve backend
     `name` (`auto` from the environment), join the process group, and say how the model must
@@ -242,6 +283,8 @@ def prepare_loading(name: str, dist_cfg=None) -> Loading:
 
         dist_cfg = DistributedConfig()
     name = resolve_backend(name, dist_cfg.zero_stage)
+    if name == "deepspeed" or name in _DS_NAMES:
+        _require_deepspeed(name)  # before the process group and the model: no GPU time spent
     if name == "single":
         launch = launch_from_env()
         if launch.world_size > 1:
