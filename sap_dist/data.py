@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label of a position that takes no loss (the prompt, the padding)."""
 
-BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 BUILTIN = {"builtin:task": "task.jsonl", "builtin:safety": "safety_pairs.jsonl"}
-"""Bundled data sets, by source name; see sap_dist/data/SOURCES.md."""
+"""Bundled data sets, by source name; see sap_dist/bundled/SOURCES.md."""
 
 FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 

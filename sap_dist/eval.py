@@ -7,7 +7,7 @@
 Prompt files: `.txt` (one prompt per line), `.jsonl` / `.json` (objects with a `prompt` field, or
 the field named by `--prompt-field`; a `.json` file may also be a list of strings), `.csv` (a
 header row with that column). The bundled sets are `builtin:harmful_eval`, `builtin:harmful_train`,
-`builtin:benign_eval` and `builtin:benign_train` (sap_dist/data/SOURCES.md).
+`builtin:benign_eval` and `builtin:benign_train` (sap_dist/bundled/SOURCES.md).
 
 Every prompt is rendered with the model's chat template (`sap_dist.data.render_prompt`, the same as
 training), batched with left padding, and answered greedily. `results.json` holds:

@@ -1,8 +1,8 @@
-"""Generate the data bundled with sap-dist (sap_dist/data/): the benign fine-tuning task and the
+"""Generate the data bundled with sap-dist (sap_dist/bundled/): the benign fine-tuning task and the
 contrastive safety pairs. Seeded and deterministic: running it again writes byte-identical files,
 which tests/test_data.py checks, so the committed files are always this script's output.
 
-    python scripts/make_builtin_data.py            # rewrites sap_dist/data/*.jsonl
+    python scripts/make_builtin_data.py            # rewrites sap_dist/bundled/*.jsonl
     python scripts/make_builtin_data.py --out DIR  # writes elsewhere (the test uses this)
 
 Task (`task.jsonl`, alpaca rows instruction/input/output plus a `subtask` tag): four short
@@ -34,7 +34,7 @@ import make_experiment_data  # noqa: E402
 
 SEED = 0
 TASK_PER_SUBTASK = 125
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "data")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "bundled")
 
 # --- task: sentiment of a short review -------------------------------------------------------
 
@@ -229,7 +229,7 @@ def main(out_dir: str = DEFAULT_OUT, seed: int = SEED) -> list[str]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: sap_dist/data)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: sap_dist/bundled)")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     for path in main(args.out, args.seed):

@@ -1,10 +1,10 @@
-"""Generate the data the safety experiment uses (sap_dist/data/): harmful prompts split into an
+"""Generate the data the safety experiment uses (sap_dist/bundled/): harmful prompts split into an
 alignment/poisoning training set and a held-out evaluation set, the refusals used as safe answers,
 and benign instructions split into training and evaluation sets. Seeded and deterministic: running
 it again writes byte-identical files (tests/test_eval.py checks it), so change this script, never
 the files by hand.
 
-    python scripts/make_experiment_data.py            # rewrites the files in sap_dist/data/
+    python scripts/make_experiment_data.py            # rewrites the files in sap_dist/bundled/
     python scripts/make_experiment_data.py --out DIR  # writes elsewhere (the test uses this)
 
 Harmful prompts are requests only, written for this project (scripts/harmful_requests.py: 142
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harmful_requests  # noqa: E402  (the sibling module, also when run as a script)
 
 SEED = 0
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "data")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "bundled")
 
 # The harmful activities, their request forms and compliant openers, and the split of activities
 # into the `align`, `poison` and `eval` pools live in scripts/harmful_requests.py (shared with the
@@ -303,7 +303,7 @@ def main(out_dir: str = DEFAULT_OUT, seed: int = SEED) -> list[str]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: sap_dist/data)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: sap_dist/bundled)")
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     for p in main(args.out, args.seed):

