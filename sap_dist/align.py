@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sap_dist.checkpoint import EXIT_REQUEUE, Preempted
     from sap_dist.config import ConfigError
     from sap_dist.data import DataError
     from sap_dist.embedded import EmbeddedModelError
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                       max_new_tokens=args.max_new_tokens, seed=args.seed, evaluate_base=not args.no_base_eval)
     try:
         report = align(s, args.out, reuse=not args.force)
+    except Preempted:
+        print("sap-dist align: stopped; run the same command again to start the alignment anew", file=sys.stderr)
+        return EXIT_REQUEUE
     except (ConfigError, DataError, ModelLoadError, EmbeddedModelError) as exc:
         print(f"sap-dist align: error: {exc}", file=sys.stderr)
         return 2

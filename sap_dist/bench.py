@@ -94,7 +94,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     probe, layers = _setup_probe(sap_cfg, backend)
     methods = methods_for(cfg)
     states = {name: new_sap_state(probe, m) for name, m in methods.items()}
-    cycle = max(m.probe_every for m in methods.values())
+    # a block holds whole refresh cycles: the probe every probe_every steps, the safety pass every
+    # probe_every * safety_every (so each SAP method is charged its share of both)
+    cycle = max(m.probe_every * (m.safety_every if m.method == "sap" else 1) for m in methods.values())
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     safety_batches = Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
     lisa_cfg = replace(cfg, sap=replace(cfg.sap, method="lisa"))

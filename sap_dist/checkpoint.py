@@ -480,7 +480,18 @@ def sap_state_dict(state, per_rank: bool = False) -> dict:
             out[f.name] = [v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in value]
         else:
             out[f.name] = value
+        if per_rank:  # shard-local tensors stay where the backend keeps them (ZeRO offload: the CPU)
+            pieces = value if isinstance(value, (list, tuple)) else [value]
+            out[f"{f.name}{_ON_CPU}"] = [isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in pieces]
     return out
+
+
+_ON_CPU = "__on_cpu"
+"""Suffix of a per-rank field's record of which of its tensors lived on the CPU."""
+
+
+def _to_home(value, on_cpu: bool, device: torch.device):
+    return value.to("cpu" if on_cpu else device) if isinstance(value, torch.Tensor) else value
 
 
 def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = False) -> None:
@@ -496,9 +507,10 @@ def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = Fa
                 raise CheckpointError(f"the checkpoint's SAP state has no {name} (saved with another sap.variant)")
             current.load_state_dict(value["optimizer_state"])
         elif isinstance(value, torch.Tensor):
-            setattr(state, name, value.to(device))
+            setattr(state, name, _to_home(value, saved.get(name + _ON_CPU, [False])[0], device))
         elif isinstance(value, list):
-            setattr(state, name, [v.to(device) if isinstance(v, torch.Tensor) else v for v in value])
+            on_cpu = saved.get(name + _ON_CPU) or [False] * len(value)
+            setattr(state, name, [_to_home(v, c, device) for v, c in zip(value, on_cpu)])
         else:
             setattr(state, name, value)
 

@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist.data import DataError
     from sap_dist.embedded import EmbeddedModelError
     from sap_dist.models import ModelLoadError
+    from sap_dist.checkpoint import EXIT_REQUEUE, Preempted
     from sap_dist.train import TrainingStopped
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -368,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             s.trainer_overrides = list(s.trainer_overrides) + rest
         results = run_experiment(s, args.out, args.align_dir, args.preset, "sap-dist experiment " + " ".join(argv))
+    except Preempted:
+        # Ctrl-C or SIGTERM: the run in progress stopped at a step boundary; finished runs are kept
+        print("sap-dist experiment: stopped; run the same command again to continue (finished runs are reused)",
+              file=sys.stderr)
+        return EXIT_REQUEUE
     except (ValueError, ConfigError, DataError, ModelLoadError, EmbeddedModelError, TrainingStopped) as exc:
         print(f"sap-dist experiment: error: {exc}", file=sys.stderr)
         return 2

@@ -117,6 +117,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
             previous = json.load(fh)
         if previous.get("run_key") == key:
             return previous["row"] | {"reused": True}
+        os.remove(eval_path)  # stale: the run is redone (and overwrite refuses files a run does not write)
 
     curve: list[dict] = []
     wanted = set(curve_steps or [])

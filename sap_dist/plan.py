@@ -14,9 +14,9 @@ both shard every parameter, gradient and optimizer state over all N):
 
 | part | bytes per GPU |
 |---|---|
-| weights | base: P x w / N (QLoRA: the 4-bit base is *not* sharded, as bitsandbytes weights are not partitioned by sap-dist's backends: NF4 with double quantization, 0.5159 bytes per quantized weight, embeddings/head/norms in fp32, on every GPU); trained LoRA adapters: T x 4 / N (kept in fp32); 0 under ZeRO-3 parameter offload |
-| gradients | T x t / N (t: trained dtype bytes; 0 under ZeRO-3 optimizer offload) |
-| optimizer state | ZeRO-3: T x 12 / N (fp32 master + Adam m, v); FSDP2: T x 2t / N (Adam m, v in the trained dtype, no master); 0 when offloaded |
+| weights | base: P x w / N (QLoRA: the 4-bit base is *not* sharded, as bitsandbytes weights are not partitioned by sap-dist's backends: NF4 with double quantization, 0.5159 bytes per quantized weight, embeddings/head/norms in fp32, on every GPU); trained LoRA adapters: T x 4 / N (kept in fp32); FSDP2 full fine-tuning keeps the trained weights as fp32 masters, T x 4 / N in place of T x w / N; 0 under ZeRO-3 parameter offload |
+| gradients | T x t / N (t: trained dtype bytes: 4 for LoRA adapters and for FSDP2's fp32 masters, w under ZeRO-3; 0 under ZeRO-3 optimizer offload) |
+| optimizer state | ZeRO-3: T x 12 / N (fp32 master + Adam m, v); FSDP2: T x 8 / N (Adam m, v in fp32: the trained weights are fp32 masters, bf16 only in compute); 0 when offloaded |
 | optimizer step (transient) | ZeRO-3 only: the fp32 gradient of one sub-group, 4 x min(1e9, T / N) |
 | SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (in CPU memory under parameter offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
 | gathered weights (transient) | the largest unit (decoder layer, embedding or head) gathered in full, twice (the one computing and the one prefetched): 2 x U x w (QLoRA: two dequantized linear weights); full fine-tuning adds that unit's unsharded gradient, U x t |
@@ -263,8 +263,10 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     w = DTYPE_BYTES[s.dtype]
     full = s.method == "full"
     P, T = arch.total_params(), trained_params(arch, s)
-    t = w if full else 4  # LoRA adapters are kept in fp32
     zero3 = s.backend == "zero3"
+    # LoRA adapters are kept in fp32, and so are FSDP2's full fine-tuning weights (fp32 masters,
+    # bf16 only in compute); ZeRO-3 keeps bf16 weights and its fp32 master in the optimizer
+    t = w if (full and zero3) else 4
     off_opt = zero3 and s.offload_optimizer
     off_par = zero3 and s.offload_params and s.method != "qlora"  # 4-bit weights are not offloaded
 
@@ -273,7 +275,7 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
         unquantized = P - arch.quantized_params()
         base = arch.quantized_params() * NF4_BYTES + unquantized * 4
     else:
-        base = P * w / n
+        base = P * w / n if not (full and not zero3) else ((P - T) * w + T * 4) / n
     # under ZeRO-3 parameter offload every parameter partition (base and adapters) is on the CPU
     out["weights"] = 0.0 if off_par else base + (0 if full else T * t / n)
     out["gradients"] = 0.0 if off_opt else T * t / n

@@ -31,8 +31,9 @@ RUN_DIRS = ("tensorboard", "wandb", "checkpoints", "logs", "nccl_flight_recorder
 """Folders a run writes into its output directory (checkpoints: the default checkpoint.dir;
 logs and the NCCL flight recorder: the Slurm launch's per-rank logs)."""
 
-KEEP_ON_OVERWRITE = (".lock",)
-"""Entries the starting run itself holds (its lock, taken before the directory is cleared)."""
+KEEP_ON_OVERWRITE = (".lock", "logs", "nccl_flight_recorder")
+"""Entries the starting run itself holds before the directory is cleared: its lock, and under
+Slurm the per-rank logs and flight-recorder folder torchrun is already writing into."""
 
 
 def is_run_entry(name: str, path: str) -> bool:

@@ -93,10 +93,13 @@ def test_70b_lora_and_offload_verdicts():
     assert bigger.fits
 
 
-def test_fsdp2_optimizer_state_is_in_the_trained_dtype():
+def test_fsdp2_full_finetuning_keeps_fp32_masters():
+    """bf16 full fine-tuning on FSDP2 keeps the trained weights in fp32 (bf16 only in compute):
+    weights, gradients, Adam's m and v and SAP's copy are all fp32 shards."""
     s = Setup(method="full", backend="fsdp2", gpus=4, dtype="bf16")
     m = memory(load_arch("tiny-random-llama"), s)
-    assert m["optimizer"] == TINY_P * 2 * 2 / 4 and m["step_transient"] == 0
+    assert m["optimizer"] == TINY_P * 4 * 2 / 4 and m["step_transient"] == 0
+    assert m["weights"] == TINY_P * 4 / 4 and m["gradients"] == TINY_P * 4 / 4
 
 
 def test_qlora_base_is_not_sharded():

@@ -78,7 +78,7 @@ def local_dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for x, y in zip(a, b):
         if x is not None and y is not None:
-            total += (x.double() * y.double()).sum().to(device)
+            total += (x.double() * y.to(x.device).double()).sum().to(device)
     return total
 
 @torch.no_grad()

@@ -349,7 +349,7 @@ class DeepSpeedBackend(ProcessGroupOps):
             self._all_gather_replicas()
 
     def weight_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
-        return self.global_sq_sum(w.float() - s.float() for w, s in zip(self._local_weights(), saved))
+        return self.global_sq_sum(w.float() - s.to(w.device).float() for w, s in zip(self._local_weights(), saved))
 
     @torch.no_grad()
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
