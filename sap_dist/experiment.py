@@ -160,20 +160,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  method_overrides={"sap_paper": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"],
                                    "sap_reference": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # 2 CPU cores, under 30 minutes with the aligned model cached (sized in docs/experiment.md):
-    # 3 seeds, sft judged part way at steps 8 and 16, all 412 DoNotAnswer test prompts; `lisa` once it
-    # is registered in METHODS
+    # 2 CPU cores, about 30 minutes with the aligned model cached (measured in docs/experiment.md):
+    # 3 seeds, sft judged part way at steps 8 and 16, all 412 DoNotAnswer test prompts
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_seeds=[0],
-                  methods=[m for m in ("sft", "sap_paper", "lisa", "mix") if m in METHODS],
+                  methods=["sft", "sap_paper", "lisa", "mix"],
                   curve_steps=[8, 16], trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
     # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
     # for the paper's setting
     "full": dict(align_epochs=3.0, epochs=2.0, n_harmful_eval=None, n_benign_eval=None, max_new_tokens=64,
-                 task_max_new_tokens=16, methods=[m for m in ("sft", "sap_paper", "sap_reference", "lisa", "mix")
-                                                  if m in METHODS],
+                 task_max_new_tokens=16, methods=["sft", "sap_paper", "sap_reference", "lisa", "mix"],
                  curve_steps=[28, 56, 84], curve_learning_rates=[1e-4]),
 }
 
