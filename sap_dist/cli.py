@@ -54,6 +54,10 @@ def _run(argv: list[str]) -> int:
         print(f"sap-dist {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command != "train":  # train has its own --verbose; the others follow SAP_DIST_VERBOSE
+        from sap_dist.noise import quiet_third_party
+
+        quiet_third_party()
     if command == "train":
         from sap_dist.train import main as train_main
 

@@ -59,3 +59,24 @@ def test_train_help_says_how_to_set_keys_and_names_real_presets(capsys):
     out = capsys.readouterr().out
     assert "section.key=value" in out and "--section.key value" in out and "sap-dist config" in out
     assert f"({', '.join(preset_names())})" in out and "smoke" not in out
+
+
+def test_every_subcommand_keeps_third_party_noise_off_the_console(tmp_path):
+    """`sap-dist eval` (like bench, align, experiment) printed bitsandbytes' kernels message and
+    transformers' FutureWarnings on every run; only `train` filtered them."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Tell me a joke.\n")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    env.pop("SAP_DIST_VERBOSE", None)
+    run = tmp_path / "run"  # an adapter: loading it imports peft, and with it bitsandbytes
+    trained = subprocess.run([sys.executable, "-m", "sap_dist.train", "--config", "tiny", f"train.output_dir={run}",
+                              "train.progress_bar=false", "train.max_steps=1", "sap.method=sft"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    cmd = [sys.executable, "-m", "sap_dist.cli", "eval", "--adapter", str(run), "--harmful-prompts",
+           str(prompts), "--max-new-tokens", "2", "--out", str(tmp_path / "r.json")]
+    quiet = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    loud = subprocess.run(cmd, env={**env, "SAP_DIST_VERBOSE": "1"}, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr[-2000:]
+    assert "FutureWarning" in loud.stderr or "gemm_4bit_forward" in loud.stderr  # there is noise to hide
+    assert "FutureWarning" not in quiet.stderr and "gemm_4bit_forward" not in quiet.stderr, quiet.stderr
