@@ -68,14 +68,20 @@ def test_lisa_on_every_backend_matches_single(tmp_path, capsys):
 def test_bf16_full_finetuning_matches_single_on_every_backend(tmp_path, capsys):
     """Full fine-tuning in bf16 keeps fp32 master weights everywhere (autocast on single/ddp,
     FSDP2's mixed-precision policy, DeepSpeed's bf16 mode): SAP runs on each and trains what
-    one process trains, within bf16's noise (one process at another thread count is the
-    floor: ~3e-3 here) and a 1e-2 tolerance."""
-    code = main(["--backends", "single,ddp,fsdp2,zero2", "--variants", "paper", "--steps", "3", "--tolerance", "1e-2",
-                 "--work-dir", str(tmp_path), "model.dtype=bf16", "weights.method=full"])
+    one process trains. The trained weights agree within 1e-2 (bf16's noise: one process at
+    another thread count moves them ~1e-3). The probe, a difference of two bf16 gradients, is
+    held to 3e-2: FSDP2's policy runs every op in bf16 (norms included) where autocast keeps
+    norms and softmax in fp32, which moved it by 1.2-2.1e-2 (measured), more than the 4x noise
+    floor allows."""
+    code = main(["--backends", "single,ddp,fsdp2,zero2", "--variants", "paper", "--steps", "3", "--tolerance", "3e-2",
+                 "--settings", "exact", "--work-dir", str(tmp_path), "model.dtype=bf16", "weights.method=full"])
     out = capsys.readouterr().out
     table = out[out.index("equivalence vs single"):]
     print(table)
     assert code == 0, table
+    rows = [line.split() for line in table.splitlines()[3:]]
+    judged = [r for r in rows if len(r) > 2 and r[0] in ("ddp", "fsdp2", "zero2")]
+    assert len(judged) == 3 and all(float(r[2]) <= 1e-2 for r in judged), table  # weights column
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "fsdp2-paper" / "model.safetensors"), "pt") as fh:
