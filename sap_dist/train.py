@@ -112,9 +112,15 @@ def _setup_output_dir(cfg: Config, rank: int, resuming: bool = False) -> str:
             if not resuming:
                 remove_checkpoints(ckpt_dir)  # only reached when overwriting or restarting
             save_config(cfg, os.path.join(out, "config.yaml"))
-        except OSError as exc:  # a file in the way, a path under a file, no permission, disk full
-            raise ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})") from None
+        except OSError as exc:
+            raise _unwritable(out, exc) from None
     return out
+
+
+def _unwritable(out: str, exc: OSError) -> ConfigError:
+    """The one-line error for an output directory the run cannot write: a file in the way, a
+    path under a file, no permission, a full disk."""
+    return ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})")
 
 
 def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
@@ -286,15 +292,15 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     launcher_pid = watch_launcher()  # first thing: a worker whose torchrun dies stops too
     check_launcher_env(cfg.dist.backend, cfg.model.dtype)  # accelerate's choices sap-dist would ignore
     check_backend_installed(cfg.dist.backend, cfg.dist.zero_stage)  # a missing DeepSpeed: one line, nothing written
-    out = cfg.train.output_dir
+    out, launch = cfg.train.output_dir, launch_from_env()
     if cfg.sap.method == "sap":  # refused before anything is written (the lock creates the directory)
-        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, launch_from_env().world_size)
+        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, launch.world_size)
         if cfg.train.max_steps is not None:
             _check_intervals(cfg, cfg.train.max_steps)
     try:
-        lock = RunLock(out).acquire() if launch_from_env().rank == 0 else None
-    except OSError as exc:  # a file in the way, a path under a file, no permission
-        raise ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})") from None
+        lock = RunLock(out).acquire() if launch.rank == 0 else None
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
     try:
         if lock:
             clear_requeue_marker(out)

@@ -16,6 +16,7 @@ import pytest
 
 from sap_dist.checkpoint import REQUEUE_MARKER, RUN_LOCK, RunLock, list_checkpoints
 from sap_dist.config import ConfigError
+from test_reliability import _children
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "tiny", "train.progress_bar=false", "train.tensorboard=false"]
@@ -26,14 +27,6 @@ def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("ACCELERATE_", "SLURM_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     return env
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
 
 
 def _alive(pid: int) -> bool:
