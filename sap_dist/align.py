@@ -88,7 +88,10 @@ class AlignSettings:
         from sap_dist.data import BUILTIN_DIR
         from sap_dist.eval import BUILTIN_PROMPTS
 
+        from sap_dist.fingerprint import code_fingerprint
+
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        payload["code"] = code_fingerprint()  # the aligned model is reused only by the code that made it
         for name in ("harmful_train", "benign_train", "harmful_eval", "benign_eval", "independent_eval"):
             src = payload.get(name)
             path = os.path.join(BUILTIN_DIR, BUILTIN_PROMPTS[src]) if src in BUILTIN_PROMPTS else src

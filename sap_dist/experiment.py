@@ -13,9 +13,11 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    openers into it (the Vaccine/Lisa/Booster setting, p=0.1), the *clean* setting does not.
 3. Methods, each fine-tuned from the start point on the same data with the trainer
    (`sap_dist.train.train_model`), over `seeds` (or `method_seeds[method]`): `sft` (plain),
-   `sap_paper` (SAP, Algorithm 1), `sap_reference` (SAP, the reference code's variant), `mix`
-   (plain fine-tuning with a fraction `mix_fraction` of refusal examples mixed into the data, as
-   SafeInstr does), and any other method registered in METHODS.
+   `sap_paper` (SAP, Algorithm 1), `sap_fast` (the same with the safety direction recomputed every
+   4th step and the probe on a quarter of the batch), `sap_reference` (SAP, the reference code's
+   variant), `lisa` (the Lisa baseline), `mix` (plain fine-tuning with a fraction `mix_fraction`
+   of refusal examples mixed into the data, as SafeInstr does), and any other method registered
+   in METHODS.
 4. Each run is judged (`sap_dist.eval.evaluate`) on held-out harmful prompts (harmful score),
    benign prompts (over-refusal), the held-out task (accuracy), and an independent harmful set
    written by others (`independent_eval`, DoNotAnswer's test half by default:
@@ -61,10 +63,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "sap_reference": {"sap.method": "sap", "sap.variant": "reference"},
     "mix": {"sap.method": "sft"},
     "lisa": {"sap.method": "lisa"},
+    # issue "SAP at 1.5x": the safety direction recomputed every 4th step (the others perturb along
+    # the stored one) and u_harm/u_here from a strided quarter of the batch
+    "sap_fast": {"sap.method": "sap", "sap.variant": "paper", "sap.safety_every": 4,
+                 "sap.probe_batch_fraction": 0.25},
 }
 """Trainer settings of each method (`mix` differs by its data, not by the trainer)."""
 METHOD_LABELS = {"sft": "plain fine-tuning", "sap_paper": "SAP (paper)", "sap_reference": "SAP (reference)",
-                 "mix": "safety-data mixing", "lisa": "Lisa"}
+                 "mix": "safety-data mixing", "lisa": "Lisa", "sap_fast": "SAP, cheaper (safety every 4, probe on 1/4)"}
 
 
 @dataclass
@@ -160,13 +166,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  method_overrides={"sap_paper": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"],
                                    "sap_reference": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # 2 CPU cores, about 30 minutes with the aligned model cached (measured in docs/experiment.md):
-    # 3 seeds, sft judged part way at steps 8 and 16, all 412 DoNotAnswer test prompts
+    # 2 CPU cores, under 30 minutes with the aligned model cached (measured in docs/experiment.md):
+    # 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts. The README's table
+    # adds the clean-data sft run and the step-8 curve point (`--set clean_methods=[sft]
+    # --set curve_steps=[8,16]`), about 5 minutes more; a curve point costs a full judging (~75 s)
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
-                  max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_seeds=[0],
+                  max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],
                   methods=["sft", "sap_paper", "lisa", "mix"],
-                  curve_steps=[8, 16], trainer_overrides=["data.safety_max_length=96"]),
+                  curve_steps=[16], trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
     # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
     # for the paper's setting

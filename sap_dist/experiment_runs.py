@@ -99,6 +99,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     run with the same configuration. `curve_steps`: also judge the model after these steps (harmful
     on both sets and task accuracy, as `curve` in the row, with the end point last)."""
     from sap_dist.config import to_dict
+    from sap_dist.fingerprint import code_fingerprint
     from sap_dist.independent_eval import INDEPENDENT_KEYS
     from sap_dist.train import train_model
 
@@ -109,8 +110,9 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     eval_conf = {k: getattr(s, k) for k in ("harmful_eval", "n_harmful_eval", "benign_eval", "n_benign_eval",
                                             "independent_eval", "n_independent_eval", "max_new_tokens",
                                             "task_max_new_tokens", "eval_attn_implementation")}
+    code = code_fingerprint()  # a finished run is reused only by the code that made it
     key = _hash({"cfg": to_dict(cfg), "data": data_sha, "eval": eval_conf, "task_eval": task_eval,
-                 "curve_steps": sorted(set(curve_steps or []))})
+                 "curve_steps": sorted(set(curve_steps or [])), "code": code})
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(eval_path):
         with open(eval_path) as fh:
@@ -142,7 +144,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
            **{k: results.get(k) for k in RUN_METRICS + INDEPENDENT_KEYS},
            "train_time_s": round(train_time, 1), "mean_step_time_s": summary.get("mean_step_time_s"),
            "steps": summary.get("steps"), "task_examples": summary.get("task_examples"),
-           "model_dir": summary.get("output_dir"), "metrics": summary.get("metrics"), "reused": False}
+           "model_dir": summary.get("output_dir"), "metrics": summary.get("metrics"), "code": code, "reused": False}
     if curve_steps is not None:
         row["curve"] = curve
     with open(eval_path, "w") as fh:

@@ -82,6 +82,20 @@ def test_run_plan_seeds_per_method_and_curve_runs():
     assert [m for k, st, m, lr in plan if k == 3] == ["sap_paper"]
 
 
+def test_every_method_is_a_valid_trainer_config(tmp_path):
+    """Each method's settings resolve through the trainer's own config checks, and the cheaper SAP
+    differs from the paper variant only in its cost settings."""
+    from sap_dist.experiment_runs import trainer_config
+
+    s = settings_from("quick")
+    cfgs = {m: trainer_config(s, "tiny-random-llama", m, "builtin:task", 0, str(tmp_path / m)) for m in experiment.METHODS}
+    assert cfgs["sap_fast"].sap.safety_every == 4 and cfgs["sap_fast"].sap.probe_batch_fraction == 0.25
+    from dataclasses import replace
+
+    assert replace(cfgs["sap_fast"].sap, safety_every=1, probe_batch_fraction=0.5) == cfgs["sap_paper"].sap
+    assert cfgs["lisa"].sap.method == "lisa" and cfgs["sft"].sap.method == "sft"
+
+
 def test_sft_curve_and_distance_below_it():
     """The curve runs through the start point and plain fine-tuning's part-way points (mean over
     seeds); a method is compared with it at its own mean task accuracy."""
@@ -241,6 +255,32 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     assert experiment.main(argv + ["--methods", "sap_paper", "--poison", "0.1", "sap.rho=0.2"]) == 0
     third = json.loads((out / "results.json").read_text())
     assert not third["methods"]["poisoned/sap_paper"]["runs"][0]["reused"]
+    # other code (another digest of sap-dist's source) reuses neither the aligned model nor a run
+    from sap_dist import fingerprint
+
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda root=None: "othercode000")
+    assert experiment.main(argv + ["--methods", "mix"]) == 0
+    fourth = json.loads((out / "results.json").read_text())
+    assert fourth["align"]["reused"] is False
+    assert [r["reused"] for r in fourth["methods"]["poisoned/mix"]["runs"]] == [False]
+    assert fourth["methods"]["poisoned/mix"]["runs"][0]["code"] == "othercode000"
+
+
+def test_code_fingerprint_follows_the_source(tmp_path):
+    """The digest changes with any byte of any module, and only with the source."""
+    import shutil
+
+    import sap_dist
+    from sap_dist.fingerprint import code_fingerprint
+
+    copy = tmp_path / "sap_dist"
+    shutil.copytree(os.path.dirname(sap_dist.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(str(copy)) == code_fingerprint() and len(code_fingerprint()) == 12
+    (copy / "bundled" / "notes.txt").write_text("data and notes are not code")
+    assert code_fingerprint.__wrapped__(str(copy)) == code_fingerprint()
+    step = copy / "sap.py"
+    step.write_bytes(step.read_bytes() + b"\n# one more line\n")
+    assert code_fingerprint.__wrapped__(str(copy)) != code_fingerprint()
 
 
 def test_experiment_cli_errors(tmp_path, capsys):
