@@ -54,3 +54,37 @@ def test_bench_command_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["preset"] == "tiny" and "sap_over_sft_peak_memory" in data
     assert "sap_paper_exact" in proc.stdout
+
+
+def _script(name: str, *args: str) -> str:
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", name), *args], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_probe_rows_bench_times_both_ways():
+    """The doubled-rows measurement the README quotes runs and reports both fractions."""
+    import re
+
+    lines = [line for line in _script("probe_rows_bench.py", "--config", "tiny", "--repeats", "1").splitlines()
+             if line.startswith("probe_batch_fraction=")]
+    assert [line.split(" ")[0] for line in lines] == ["probe_batch_fraction=0.25", "probe_batch_fraction=0.5"]
+    for line in lines:
+        two, one, ratio = map(float, re.search(r"two passes ([\d.]+) s, one pass over doubled rows ([\d.]+) s, "
+                                               r"ratio ([\d.]+)", line).groups())
+        assert two > 0 and one > 0 and ratio == pytest.approx(one / two, rel=0.05, abs=0.01)
+
+
+def test_cpu_kernels_digests_per_dtype_and_threads():
+    """scripts/cpu_kernels.py (docs/experiment.md, reproducibility) prints one digest line per thread
+    count and dtype, and equal inputs give equal digests run to run."""
+    first, second = _script("cpu_kernels.py"), _script("cpu_kernels.py")
+    lines = [line for line in first.splitlines() if not line.startswith("#")]
+    assert [line.split()[1:3] for line in lines] == [["threads=1", "bf16:"], ["threads=1", "fp32:"],
+                                                      ["threads=2", "bf16:"], ["threads=2", "fp32:"]]
+    digests = [line.split("  matmul ")[0] for line in lines]
+    assert digests == [line.split("  matmul ")[0] for line in second.splitlines() if not line.startswith("#")]

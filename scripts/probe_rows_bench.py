@@ -1,0 +1,77 @@
+"""What running u_harm and u_here as one pass over doubled rows could save (issue "SAP at 1.5x").
+
+u_harm and u_here are the same probe rows at two weight settings. With LoRA the settings differ
+only in the adapters, so both could be one forward/backward over the rows twice, each copy with
+its own adapter values. Before building that (per-row adapter values inside every LoRA layer),
+this measures its best case: the probe pass over the rows twice (plain duplicated rows, no per-row
+adapters, so no extra work at all) against two probe passes over the rows, on the same model,
+batches and threads as `sap-dist bench --preset quick`, interleaved, medians.
+
+    .venv/bin/python scripts/probe_rows_bench.py [--repeats 12] [--threads 2] [--config quick]
+
+A ratio `doubled / two passes` near 1 means the fused pass cannot be faster here.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--config", default="quick", help="training config (preset or YAML) whose model and batches are used")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from sap_dist.backends import OptimizerSpec, prepare_loading
+    from sap_dist.config import load_config
+    from sap_dist.models import load_model, load_tokenizer
+    from sap_dist.sap import _probe_pass, select_rows
+    from sap_dist.train import Batches, _collate_task, _response_tokens, _setup_data, _setup_probe
+
+    cfg = load_config(args.config, [])
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
+    task, _, _, _ = _setup_data(cfg, tokenizer, 0, 1)
+    loading = prepare_loading(cfg.dist.backend, cfg.dist)
+    backend = loading.wrap(load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading),
+                           OptimizerSpec(lr=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm))
+    probe, _ = _setup_probe(cfg, backend)
+    batches = Batches(task, cfg.train.batch_size, cfg.train.seed, 0, 1)
+
+    for fraction in (0.25, 0.5):
+        rows_per_pass = max(1, round(cfg.train.batch_size * fraction))
+        times: dict[str, list[float]] = {"two passes": [], "doubled rows": []}
+        for r in range(args.repeats + 1):  # the first round warms up
+            rows = batches.global_batch(r)
+            batch = _collate_task(rows, tokenizer.pad_token_id, backend.device)
+            tokens = float(_response_tokens(rows))
+            strided = torch.arange(0, cfg.train.batch_size, cfg.train.batch_size // rows_per_pass)[:rows_per_pass]
+            single = select_rows(batch, strided)
+            doubled = select_rows(batch, torch.cat([strided, strided]))
+            order = ["two passes", "doubled rows"] if r % 2 == 0 else ["doubled rows", "two passes"]
+            for name in order:
+                t0 = time.perf_counter()
+                if name == "two passes":
+                    _probe_pass(backend, probe, single, tokens)
+                    _probe_pass(backend, probe, single, tokens)
+                else:
+                    _probe_pass(backend, probe, doubled, tokens)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        two, one = statistics.median(times["two passes"]), statistics.median(times["doubled rows"])
+        print(f"probe_batch_fraction={fraction} ({rows_per_pass} rows): two passes {two:.4f} s, "
+              f"one pass over doubled rows {one:.4f} s, ratio {one / two:.2f} "
+              f"(median of {args.repeats}, {torch.get_num_threads()} threads)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
