@@ -19,6 +19,7 @@ safe-fine-tuning literature prepares its starting point, and measure the result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -79,6 +80,11 @@ class AlignSettings:
     """Attention implementation for generation (evaluation and benign targets); None: as training."""
     evaluate_base: bool = True
     progress: bool = True
+    threads: int | None = 1
+    """torch CPU threads while aligning (None: as the process has). The trained weights depend on
+    the thread count (gradients are summed in another order: 1 and 2 threads gave start points 1
+    point apart on DoNotAnswer, docs/experiment.md), so a fixed count gives the same start point
+    on machines with any number of cores (of the same CPU generation). Not used on a GPU."""
 
     EVAL_FIELDS = ("harmful_eval", "benign_eval", "n_harmful_eval", "n_benign_eval", "task_eval",
                    "independent_eval", "n_independent_eval",
@@ -191,7 +197,25 @@ def _metrics(results: dict) -> dict:
 
 def align(s: AlignSettings, out_dir: str, reuse: bool = True) -> dict:
     """Align `s.model` into `out_dir/model`; returns the report (also written to out_dir).
-    With `reuse`, an existing report with the same settings key is returned as is."""
+    With `reuse`, an existing report with the same settings key is returned as is. Runs with
+    `s.threads` CPU threads (the process's count is restored after)."""
+    with _torch_threads(s.threads):
+        return _align(s, out_dir, reuse)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's CPU thread count set to `threads` inside, restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
     from sap_dist.config import load_config
     from sap_dist.models import load_base, load_tokenizer
     from sap_dist.config import ModelConfig
@@ -262,6 +286,7 @@ def align(s: AlignSettings, out_dir: str, reuse: bool = True) -> dict:
         "base": _metrics(base_eval) if base_eval else None,
         "aligned": _metrics(aligned_eval),
         "benign_targets_time_s": round(targets_time, 1),
+        "torch_threads": torch.get_num_threads(),
         "wall_time_s": round(time.time() - started, 1),
         "reused": False,
     }
@@ -336,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-eval", type=int, default=d.n_harmful_eval, help="harmful and benign eval prompts (each)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads while aligning; fixed so that the aligned model does not depend on "
+                        "the machine's core count")
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the model before alignment")
     p.add_argument("--force", action="store_true", help="redo even when DIR holds an alignment with these settings")
     return p
@@ -350,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist.models import ModelLoadError
 
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    s = AlignSettings(model=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    s = AlignSettings(threads=args.threads, model=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
                       harmful_train=args.harmful_train, benign_train=args.benign_train, n_harmful=args.n_harmful,
                       n_benign=args.n_benign, epochs=args.epochs, max_steps=args.max_steps,
                       learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,

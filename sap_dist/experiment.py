@@ -89,6 +89,9 @@ class ExperimentSettings:
     align_n_harmful: int | None = None
     align_n_benign: int | None = None
     align_benign_max_new_tokens: int = 64
+    align_threads: int | None = 1
+    """torch CPU threads while aligning (`AlignSettings.threads`): fixed, so the start point does not
+    depend on the machine's core count; `threads` applies to the fine-tuning runs."""
     # data
     task: str = "builtin:task"
     """Fine-tuning task (any data.task source)."""
@@ -151,7 +154,8 @@ class ExperimentSettings:
     clean_seeds: list[int] | None = None
     """Seeds of the clean setting's runs (None: all `seeds`)."""
     threads: int | None = None
-    """torch CPU threads (None: torch's default)."""
+    """torch CPU threads of the fine-tuning runs and their judging (None: torch's default); the
+    alignment uses `align_threads`."""
     tag: str = ""
     """Free label stored with the results (e.g. the sweep setting)."""
 
@@ -256,7 +260,8 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                             n_harmful_eval=s.n_harmful_eval, n_benign_eval=s.n_benign_eval, task_eval=task_eval,
                             independent_eval=s.independent_eval, n_independent_eval=s.n_independent_eval,
                             max_new_tokens=s.max_new_tokens, task_max_new_tokens=s.task_max_new_tokens,
-                            eval_batch_size=s.eval_batch_size, eval_attn_implementation=s.eval_attn_implementation)
+                            eval_batch_size=s.eval_batch_size, eval_attn_implementation=s.eval_attn_implementation,
+                            threads=s.align_threads)
     if s.align:
         align_dir = align_dir or os.path.join(_align_root(), align_s.key())
         t0 = time.time()

@@ -196,7 +196,8 @@ def test_aggregate_and_table():
 def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, align_dir = tmp_path / "exp", tmp_path / "aligned"
-    argv = ["--preset", "tiny", "--out", str(out), "--align-dir", str(align_dir), "--threads", "1"]
+    argv = ["--preset", "tiny", "--out", str(out), "--align-dir", str(align_dir), "--threads", "1",
+            "--set", "align_threads=2"]
     assert experiment.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     methods = results["methods"]
@@ -246,6 +247,12 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     for path in results["plots"]:
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the alignment ran with its own thread count (fixed, so the start point does not depend on the
+    # machine's cores), and the fine-tuning runs' count came back after it
+    assert results["align"]["torch_threads"] == 2 and results["align"]["settings"]["threads"] == 2
+    import torch
+
+    assert torch.get_num_threads() == 1
     # a second run reuses the aligned model and every finished run
     assert experiment.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
