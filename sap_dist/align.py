@@ -93,7 +93,6 @@ class AlignSettings:
     def _hash(self, names: list[str]) -> str:
         from sap_dist.data import BUILTIN_DIR
         from sap_dist.eval import BUILTIN_PROMPTS
-
         from sap_dist.fingerprint import code_fingerprint
 
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k in names}

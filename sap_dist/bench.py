@@ -76,13 +76,12 @@ def _peak_mb(device: torch.device) -> float:
         return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) / 1024
 
 
-def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
-    """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
+def bench_setup(cfg: Config):
+    """What a measurement trains with: (tokenizer, task rows, safety pairs, model, backend, probe,
+    probe layers), built as SAP's trainer builds them (also used by scripts/probe_rows_bench.py)."""
     from sap_dist.backends import OptimizerSpec, prepare_loading
     from sap_dist.models import load_model, load_tokenizer
-    from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
-    from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
-                                _safety_batch_size, _setup_data, _setup_probe)
+    from sap_dist.train import _setup_data, _setup_probe
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
@@ -92,6 +91,16 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
     model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
     backend = loading.wrap(model, OptimizerSpec(lr=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm))
     probe, layers = _setup_probe(sap_cfg, backend)
+    return tokenizer, task, safety, model, backend, probe, layers
+
+
+def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
+    """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
+    from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
+    from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
+                                _safety_batch_size)
+
+    tokenizer, task, safety, model, backend, probe, layers = bench_setup(cfg)
     methods = methods_for(cfg)
     states = {name: new_sap_state(probe, m) for name, m in methods.items()}
     # a block holds whole refresh cycles: the probe every probe_every steps, the safety pass every

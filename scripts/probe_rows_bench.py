@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
@@ -30,33 +29,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sap_dist.backends import OptimizerSpec, prepare_loading
+    from sap_dist.bench import bench_setup
     from sap_dist.config import load_config
-    from sap_dist.models import load_model, load_tokenizer
     from sap_dist.sap import _probe_pass, select_rows
-    from sap_dist.train import Batches, _collate_task, _response_tokens, _setup_data, _setup_probe
+    from sap_dist.train import Batches, _collate_task, _probe_rows, _response_tokens
 
     cfg = load_config(args.config, [])
-    torch.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
-    task, _, _, _ = _setup_data(cfg, tokenizer, 0, 1)
-    loading = prepare_loading(cfg.dist.backend, cfg.dist)
-    backend = loading.wrap(load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading),
-                           OptimizerSpec(lr=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm))
-    probe, _ = _setup_probe(cfg, backend)
+    tokenizer, task, _, _, backend, probe, _ = bench_setup(cfg)
     batches = Batches(task, cfg.train.batch_size, cfg.train.seed, 0, 1)
 
     for fraction in (0.25, 0.5):
-        rows_per_pass = max(1, round(cfg.train.batch_size * fraction))
         times: dict[str, list[float]] = {"two passes": [], "doubled rows": []}
         for r in range(args.repeats + 1):  # the first round warms up
             rows = batches.global_batch(r)
             batch = _collate_task(rows, tokenizer.pad_token_id, backend.device)
-            tokens = float(_response_tokens(rows))
-            strided = torch.arange(0, cfg.train.batch_size, cfg.train.batch_size // rows_per_pass)[:rows_per_pass]
-            single = select_rows(batch, strided)
-            doubled = select_rows(batch, torch.cat([strided, strided]))
+            probe_rows, local = _probe_rows(rows, fraction, 1)  # the rows SAP's probe passes use
+            tokens = float(_response_tokens(probe_rows))
+            single = select_rows(batch, local)
+            doubled = select_rows(batch, torch.cat([local, local]))
             order = ["two passes", "doubled rows"] if r % 2 == 0 else ["doubled rows", "two passes"]
             for name in order:
                 t0 = time.perf_counter()
@@ -68,7 +58,7 @@ def main() -> None:
                 if r:
                     times[name].append(time.perf_counter() - t0)
         two, one = statistics.median(times["two passes"]), statistics.median(times["doubled rows"])
-        print(f"probe_batch_fraction={fraction} ({rows_per_pass} rows): two passes {two:.4f} s, "
+        print(f"probe_batch_fraction={fraction} ({len(local)} rows): two passes {two:.4f} s, "
               f"one pass over doubled rows {one:.4f} s, ratio {one / two:.2f} "
               f"(median of {args.repeats}, {torch.get_num_threads()} threads)", flush=True)
 
