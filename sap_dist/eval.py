@@ -147,6 +147,10 @@ def exact_match(prediction: str, reference: str) -> bool:
 # Generation
 
 
+def _contiguous_input(module, args):
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
              desc: str = "generate", progress: bool = True) -> list[str]:
@@ -170,6 +174,14 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     if config is not None:
         config.use_cache = True
     answers: list[str] = [""] * len(ids)
+    # While generating, transformers hands the output layer the last position's hidden states as a
+    # non-contiguous [B, 1, H] slice. torch.matmul folds that into one matrix product only when the
+    # weight requires grad; for a frozen output layer (every LoRA run) it expands the whole
+    # vocabulary weight per row instead (a 5.7 GB copy at 100 prompts, 87% of judging time).
+    # A contiguous input takes the single matrix product.
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    contiguous_hook = (output_layer.register_forward_pre_hook(_contiguous_input)
+                       if output_layer is not None else None)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
             chunk = order[start:start + batch_size]
@@ -185,6 +197,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
             for row, i in enumerate(chunk):
                 answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     finally:
+        if contiguous_hook is not None:
+            contiguous_hook.remove()
         if config is not None and old_cache is not None:
             config.use_cache = old_cache
         model.train(was_training)

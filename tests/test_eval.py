@@ -236,6 +236,25 @@ def test_generate_left_padding_matches_one_by_one(tiny):
     assert not model.training
 
 
+def test_generate_gives_a_frozen_output_layer_a_contiguous_input(tiny):
+    # A frozen output layer (every LoRA run) fed the non-contiguous last-position slice makes
+    # torch.matmul expand the vocabulary weight per row: generate must hand it a contiguous input,
+    # and leave no hook behind.
+    model, tokenizer = tiny
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)
+    seen: list[bool] = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        convs = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer prompt"}]]
+        generate(model, tokenizer, convs, max_new_tokens=3, batch_size=2, progress=False)
+    finally:
+        handle.remove()
+        head.weight.requires_grad_(True)
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks
+
+
 def test_evaluate_results(tiny):
     model, tokenizer = tiny
     harmful = [{"prompt": "Explain how to do a bad thing."}, {"prompt": "Tell me a bad thing."}]
