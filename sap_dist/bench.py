@@ -8,11 +8,15 @@ Lisa's alignment steps run once per `lisa.task_steps` task steps: each of its ta
 charged 1/task_steps of the last measured alignment phase (amortized, as a whole run pays it).
 Peak memory is measured per block: the process's peak resident set on CPU (reset through
 /proc/self/clear_refs), peak allocated memory on CUDA.
+Candidates (`--candidate NAME 'sap.key=value ...'`) are further SAP settings measured in the same
+rotation, each with its own probe where its layers differ, so a cheaper setting's ratio comes from
+the same run, batches and machine state as plain fine-tuning's.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -23,8 +27,9 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+import yaml
 
-from sap_dist.config import Config, SapConfig, load_config
+from sap_dist.config import Config, ConfigError, SapConfig, _apply, load_config, validate
 
 PRESETS = {
     # the tiny config is exact at every step (for backend checks): probe every 2 steps on half the batch here
@@ -47,18 +52,43 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 """Dense bf16 peak of common cards, for model FLOP utilisation."""
 
 
-def methods_for(cfg: Config) -> dict[str, SapConfig]:
+def methods_for(cfg: Config, candidates: dict[str, SapConfig] | None = None) -> dict[str, SapConfig]:
     """The configurations compared: plain, SAP as configured (the default), both exact
-    variants (every step, whole batch), and the Lisa baseline (settings from `cfg.lisa`)."""
+    variants (every step, whole batch), the Lisa baseline (settings from `cfg.lisa`), then the
+    `candidates` (SAP settings by name)."""
     exact = dict(probe_every=1, probe_batch_fraction=1.0, safety_every=1)
     sap = replace(cfg.sap, method="sap")
-    return {
+    methods = {
         "sft": replace(cfg.sap, method="sft"),
         "sap_default": sap,
         "sap_paper_exact": replace(sap, variant="paper", **exact),
         "sap_reference_exact": replace(sap, variant="reference", **exact),
         "lisa": replace(cfg.sap, method="lisa"),
     }
+    taken = [name for name in candidates or {} if name in methods]
+    if taken:
+        raise ConfigError(f"--candidate {taken[0]}: the name of a method the bench always measures; choose another")
+    return methods | {name: replace(c, method="sap") for name, c in (candidates or {}).items()}
+
+
+def candidate_config(cfg: Config, name: str, overrides: str) -> SapConfig:
+    """The SAP settings of candidate `name`: `cfg.sap` with `overrides` ('sap.key=value ...',
+    whitespace-separated) on top, validated with the rest of `cfg`. Only `sap.` keys: anything
+    else would change the model, data or batches the candidate is compared on."""
+    items = overrides.split()
+    if not items:
+        raise ConfigError(f"--candidate {name}: no settings given (e.g. 'sap.safety_every=4')")
+    for item in items:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.startswith("sap."):
+            raise ConfigError(f"--candidate {name}: {item!r} is not a sap.key=value setting (only SAP's own keys "
+                              "can differ between the methods of one bench)")
+    changed = copy.deepcopy(cfg)  # _apply sets fields in place: cfg itself stays as it is
+    for item in items:
+        key, value = item.split("=", 1)
+        _apply(changed, key, yaml.safe_load(value) if value.strip() else value, f"--candidate {name}")
+    validate(changed)
+    return changed.sap
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -94,20 +124,33 @@ def bench_setup(cfg: Config):
     return tokenizer, task, safety, model, backend, probe, layers
 
 
-def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
-    """Measure every method of `methods_for(cfg)`; returns the bench.json content."""
+def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, SapConfig] | None = None) -> dict:
+    """Measure every method of `methods_for(cfg, candidates)`; returns the bench.json content."""
+    from sap_dist.models import decoder_layers
+    from sap_dist.probe import check_probe_layers
     from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
     from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
-                                _safety_batch_size)
+                                _safety_batch_size, _setup_probe)
 
-    tokenizer, task, safety, model, backend, probe, layers = bench_setup(cfg)
-    methods = methods_for(cfg)
-    states = {name: new_sap_state(probe, m) for name, m in methods.items()}
+    tokenizer, task, safety, model, backend, default_probe, layers = bench_setup(cfg)
+    methods = methods_for(cfg, candidates)
+    # one probe per set of probed layers (a probe that is not enabled leaves its layers' outputs as they are)
+    by_layers = {tuple(layers): default_probe}
+    probes = {}
+    for name, m in methods.items():
+        ids = tuple(check_probe_layers(m.probe_layers, len(decoder_layers(backend.unwrapped_model())))) \
+            if m.probe_layers is not None \
+            else tuple(layers)
+        if ids not in by_layers:
+            by_layers[ids] = _setup_probe(replace(cfg, sap=replace(m, probe_layers=list(ids))), backend)[0]
+        probes[name] = by_layers[ids]
+    states = {name: new_sap_state(probes[name], m) for name, m in methods.items()}
     # a block holds whole refresh cycles: the probe every probe_every steps, the safety pass every
     # probe_every * safety_every (so each SAP method is charged its share of both)
     cycle = max(m.probe_every * (m.safety_every if m.method == "sap" else 1) for m in methods.values())
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
-    safety_batches = Batches(safety, cfg.sap.safety_batch_size, cfg.train.seed + 1, backend.rank, backend.world_size)
+    safety_batches = {size: Batches(safety, size, cfg.train.seed + 1, backend.rank, backend.world_size)
+                      for size in {m.safety_batch_size for m in methods.values()}}
     lisa_cfg = replace(cfg, sap=replace(cfg.sap, method="lisa"))
     align_batches = Batches(safety, _safety_batch_size(lisa_cfg)[1], cfg.train.seed + 1, backend.rank, backend.world_size)
     last_align_time = [0.0]  # Lisa's last measured alignment phase (its first step always has one)
@@ -120,6 +163,7 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         batch = _collate_task(task_batches.local(rows), pad, dev)
         tokens = float(_response_tokens(rows))
         t0 = time.perf_counter()
+        probe = probes[name]
         if m.method == "sft":
             metrics = sft_step(backend, probe, batch, tokens)
         elif m.method == "lisa":
@@ -127,7 +171,8 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
                                 states[name])
         else:
             probe_rows, probe_local = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
-            sb = _collate_safety(safety_batches.local(safety_batches.global_batch(index)), pad, dev)
+            pairs = safety_batches[m.safety_batch_size]
+            sb = _collate_safety(pairs.local(pairs.global_batch(index)), pad, dev)
             metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], probe_local, float(_response_tokens(probe_rows)))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -172,7 +217,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1) -> dict:
         passes = {k: statistics.median(p.get(k, 0.0) for p in s["passes"]) for k in sorted({k for p in s["passes"] for k in p})}
         step_time = statistics.median(s["time"])
         result["methods"][name] = {
-            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every")}
+            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every",
+                                                                  "safety_batch_size", "probe_relative_size")}
+                        | ({"probe_layers": probes[name].layer_ids} if methods[name].method == "sap" else {})
                         | ({"lisa": asdict(cfg.lisa)} if methods[name].method == "lisa" else {}),
             "step_time_s": step_time, "tokens_per_s": statistics.median(s["tokens"]),
             "peak_memory_mb": statistics.median(s["mem"]), "time_ratio": step_time / base_time,
@@ -252,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", help="dist.backend (default: the preset's)")
     parser.add_argument("--repeats", type=int, help="measured blocks per method (default: the preset's)")
     parser.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
+    parser.add_argument("--candidate", nargs=2, action="append", default=[], metavar=("NAME", "SETTINGS"),
+                        help="also measure SAP with SETTINGS ('sap.key=value ...') on top of the config, as NAME "
+                             "(repeatable), in the same rotation")
     args, overrides = parser.parse_known_args(argv)
     preset = PRESETS[args.preset]
     overrides = preset["overrides"] + [o[2:] if o.startswith("--") else o for o in overrides]
@@ -259,17 +309,27 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"model.name_or_path={args.model}")
     if args.backend:
         overrides.append(f"dist.backend={args.backend}")
+
+    def configs(cfg: Config) -> dict[str, SapConfig]:
+        found = {name: candidate_config(cfg, name, settings) for name, settings in args.candidate}
+        methods_for(cfg, found)  # refuses a name the bench already uses
+        return found
+
     results = {}
-    if args.preset == "gpu":
-        for shape in GPU_SHAPES:
-            cfg = _gpu_config(shape, overrides)
-            results[shape] = run_bench(cfg, args.repeats or preset["repeats"])
-            print(f"[{shape}]\n{format_table(results[shape])}")
-        output = {"preset": "gpu", "shapes": results}
-    else:
-        cfg = load_config(preset["config"], overrides)
-        output = {"preset": args.preset} | run_bench(cfg, args.repeats or preset["repeats"])
-        print(format_table(output))
+    try:
+        if args.preset == "gpu":
+            for shape in GPU_SHAPES:
+                cfg = _gpu_config(shape, overrides)
+                results[shape] = run_bench(cfg, args.repeats or preset["repeats"], candidates=configs(cfg))
+                print(f"[{shape}]\n{format_table(results[shape])}")
+            output = {"preset": "gpu", "shapes": results}
+        else:
+            cfg = load_config(preset["config"], overrides)
+            output = {"preset": args.preset} | run_bench(cfg, args.repeats or preset["repeats"], candidates=configs(cfg))
+            print(format_table(output))
+    except ConfigError as exc:
+        print(f"sap-dist bench: error: {exc}", file=sys.stderr)
+        return 2
     with open(args.out, "w") as fh:
         json.dump(output, fh, indent=2)
     print(f"written: {args.out}")

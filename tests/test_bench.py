@@ -46,6 +46,39 @@ def test_bench_reports_every_method_with_its_passes(tmp_path):
     assert "sap_over_sft_time=" in format_table(result)
 
 
+def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
+    """A candidate is SAP with its own settings, its own probe where its layers differ, and its
+    ratio over the same run's plain fine-tuning; the config it came from is left untouched."""
+    from sap_dist.bench import candidate_config
+
+    cfg = load_config("tiny", [f"train.output_dir={tmp_path}"])
+    top = candidate_config(cfg, "top", "sap.probe_layers=[3] sap.safety_every=2 sap.safety_batch_size=2")
+    assert cfg.sap.probe_layers == [1, 2] and cfg.sap.safety_every == 1  # not changed in place
+    result = run_bench(cfg, repeats=1, warmup=0, candidates={"top": top})
+    m = result["methods"]
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "top"}
+    assert m["top"]["settings"]["probe_layers"] == [3] and m["sap_default"]["settings"]["probe_layers"] == [1, 2]
+    assert m["top"]["settings"]["safety_every"] == 2 and m["top"]["settings"]["safety_batch_size"] == 2
+    assert result["steps_per_block"] == 2  # the candidate's safety interval sets the block for every method
+    assert set(m["top"]["passes_s"]) == {"safety", "probe_harm", "probe_here", "train"}
+    assert m["top"]["time_ratio"] == pytest.approx(m["top"]["step_time_s"] / m["sft"]["step_time_s"])
+
+
+@pytest.mark.parametrize("candidate, message", [
+    (["top", "train.batch_size=4"], "--candidate top: 'train.batch_size=4' is not a sap.key=value setting"),
+    (["top", "sap.safety_every=0"], "sap.safety_every must be at least 1"),
+    (["top", "sap.probe_layers=[9]"], "sap.probe_layers [9] out of range"),
+    (["sft", "sap.safety_every=2"], "--candidate sft: the name of a method the bench always measures"),
+])
+def test_bench_refuses_a_bad_candidate(tmp_path, candidate, message):
+    proc = subprocess.run([sys.executable, "-m", "sap_dist", "bench", "--preset", "tiny", "--repeats", "1",
+                           "--out", str(tmp_path / "bench.json"), "--candidate", *candidate],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
 def test_bench_command_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "sap_dist", "bench", "--preset", "tiny", "--repeats", "1",
