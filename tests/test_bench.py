@@ -121,3 +121,21 @@ def test_cpu_kernels_digests_per_dtype_and_threads():
                                                       ["threads=2", "bf16:"], ["threads=2", "fp32:"]]
     digests = [line.split("  matmul ")[0] for line in lines]
     assert digests == [line.split("  matmul ")[0] for line in second.splitlines() if not line.startswith("#")]
+
+
+def test_probe_variance_reports_every_cosine():
+    """The probe-variance measurement the README quotes runs and reports each comparison, with
+    cosines in [-1, 1]; on the tiny model (no dropout) two whole-batch estimates agree exactly,
+    so a part of the batch is compared against an estimate without noise of its own."""
+    import re
+
+    out = _script("probe_variance.py", "--config", "tiny", "--steps", "5", "--threads", "1")
+    found = dict(re.findall(r"^(.+): median (-?[\d.]+), min", out, flags=re.M))
+    assert set(found) == {"probe: whole batch, other dropout masks", "probe: 0.5 of the rows", "probe: 0.25 of the rows",
+                          "safety: pairs of step +1, same weights", "safety: pairs of step +2, same weights",
+                          "safety: pairs of step +4, same weights", "safety: direction 1 steps earlier (safety_every=1)",
+                          "safety: direction 2 steps earlier (safety_every=2)",
+                          "safety: direction 4 steps earlier (safety_every=4)"}
+    assert all(-1.0 <= float(v) <= 1.0 for v in found.values())
+    assert float(found["probe: whole batch, other dropout masks"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(found["probe: 0.25 of the rows"]) < 0.999  # a part of the rows is another estimate
