@@ -13,8 +13,10 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    openers into it (the Vaccine/Lisa/Booster setting, p=0.1), the *clean* setting does not.
 3. Methods, each fine-tuned from the start point on the same data with the trainer
    (`sap_dist.train.train_model`), over `seeds` (or `method_seeds[method]`): `sft` (plain),
-   `sap_paper` (SAP, Algorithm 1), `sap_fast` (the same with the safety direction recomputed every
-   4th step and the probe on a quarter of the batch), `sap_reference` (SAP, the reference code's
+   `sap_paper` (SAP, Algorithm 1, at the trainer's defaults: the safety direction recomputed every
+   4th step, the probe on half the batch), `sap_every_step` (the same with a fresh safety direction
+   on every step), `sap_fast` (the defaults with the probe on a quarter of the batch),
+   `sap_reference` (SAP, the reference code's
    variant), `lisa` (the Lisa baseline), `mix` (plain fine-tuning with a fraction `mix_fraction`
    of refusal examples mixed into the data, as SafeInstr does), and any other method registered
    in METHODS.
@@ -63,14 +65,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "sap_reference": {"sap.method": "sap", "sap.variant": "reference"},
     "mix": {"sap.method": "sft"},
     "lisa": {"sap.method": "lisa"},
-    # issue "SAP at 1.5x": the safety direction recomputed every 4th step (the others perturb along
-    # the stored one) and u_harm/u_here from a strided quarter of the batch
+    # issue "SAP at 1.5x": the defaults recompute the safety direction every 4th step; the
+    # previous default, a fresh direction on every step, beside them
+    "sap_every_step": {"sap.method": "sap", "sap.variant": "paper", "sap.safety_every": 1},
+    # and a cheaper setting that loses part of the protection: u_harm/u_here from a strided
+    # quarter of the batch instead of half
     "sap_fast": {"sap.method": "sap", "sap.variant": "paper", "sap.safety_every": 4,
                  "sap.probe_batch_fraction": 0.25},
 }
 """Trainer settings of each method (`mix` differs by its data, not by the trainer)."""
 METHOD_LABELS = {"sft": "plain fine-tuning", "sap_paper": "SAP (paper)", "sap_reference": "SAP (reference)",
-                 "mix": "safety-data mixing", "lisa": "Lisa", "sap_fast": "SAP, cheaper (safety every 4, probe on 1/4)"}
+                 "mix": "safety-data mixing", "lisa": "Lisa", "sap_fast": "SAP, cheaper (probe on 1/4)",
+                 "sap_every_step": "SAP, safety direction every step"}
 
 
 @dataclass

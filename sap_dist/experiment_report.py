@@ -15,8 +15,9 @@ METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy", "over_
 HARMFUL = ("harmful_score", "harmful_score_independent")
 """The two harmful scores: bundled held-out prompts, and the independent set."""
 COLORS = {"sft": "tab:red", "mix": "tab:orange", "sap_paper": "tab:blue", "sap_reference": "tab:green",
-          "lisa": "tab:purple", "sap_fast": "tab:cyan"}
-ORDER = ["sft", "mix", "lisa", "sap_paper", "sap_fast", "sap_reference"]
+          "lisa": "tab:purple", "sap_fast": "tab:cyan",
+          "sap_every_step": "tab:brown"}
+ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference"]
 
 
 def _stats(values: list[float | None]) -> dict | None:

@@ -90,9 +90,11 @@ def test_every_method_is_a_valid_trainer_config(tmp_path):
     s = settings_from("quick")
     cfgs = {m: trainer_config(s, "tiny-random-llama", m, "builtin:task", 0, str(tmp_path / m)) for m in experiment.METHODS}
     assert cfgs["sap_fast"].sap.safety_every == 4 and cfgs["sap_fast"].sap.probe_batch_fraction == 0.25
+    assert cfgs["sap_paper"].sap.safety_every == 4 and cfgs["sap_every_step"].sap.safety_every == 1
     from dataclasses import replace
 
-    assert replace(cfgs["sap_fast"].sap, safety_every=1, probe_batch_fraction=0.5) == cfgs["sap_paper"].sap
+    assert replace(cfgs["sap_fast"].sap, probe_batch_fraction=0.5) == cfgs["sap_paper"].sap
+    assert replace(cfgs["sap_every_step"].sap, safety_every=4) == cfgs["sap_paper"].sap
     assert cfgs["lisa"].sap.method == "lisa" and cfgs["sft"].sap.method == "sft"
 
 

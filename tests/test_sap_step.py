@@ -239,7 +239,9 @@ def test_relative_probe_has_stated_size():
 def test_reference_variant_lag_and_probe_adam(probe_rows):
     """u_harm and u_here are both the probe gradient over the probe rows alone (u_here from
     the training backward, at the lagged probe), normalised by those rows' tokens."""
-    cfg = SapConfig(variant="reference", safety_loss="difference", rho=0.05, probe_lr=0.05, probe_layers=LAYERS)
+    # the exact algorithm: a fresh safety direction on every step (the reference below recomputes it)
+    cfg = SapConfig(variant="reference", safety_loss="difference", rho=0.05, probe_lr=0.05, probe_layers=LAYERS,
+                    safety_every=1)
     model = tiny_lora_model()
     ref = copy.deepcopy(model).double()
     data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
