@@ -12,6 +12,7 @@ batches taking one `sft_step`, `sap_step` or `lisa_step` each, logging every ste
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STO
                                  preempt_exit_code, watch_launcher, write_requeue_marker, checkpoint_dir,
                                  data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
-from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
+from sap_dist.config import Config, ConfigError, SapConfig, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.noise import quiet_third_party
 from sap_dist.models import record_base
@@ -185,11 +186,14 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
 
 
 def _check_intervals(cfg: Config, total_steps: int) -> None:
-    """A refresh interval longer than the run means it never repeats: a mistake, refused."""
+    """A refresh interval longer than the run means it never repeats: a mistake, refused. Not
+    at its default (safety_every=4): a smoke test of 2 steps must not fail on a setting it
+    never chose, and a default longer than the run only means one safety pass."""
     if cfg.sap.method != "sap":
         return
+    defaults = {f.name: f.default for f in dataclasses.fields(SapConfig)}
     for key, value in (("sap.probe_every", cfg.sap.probe_every), ("sap.safety_every", cfg.sap.safety_every)):
-        if value > total_steps:
+        if value > total_steps and value != defaults[key.split(".")[1]]:
             raise ConfigError(f"{key}={value} is more than the run's {total_steps} steps (train.max_steps / "
                               f"train.epochs); lower {key} or train longer")
 

@@ -265,10 +265,22 @@ def test_a_rounded_away_perturbation_is_reported_in_the_summary(tmp_path):
 @pytest.mark.parametrize("key", ["sap.safety_every", "sap.probe_every"])
 def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
     out = tmp_path / "run"
-    assert main(["--config", "tiny", f"train.output_dir={out}", "train.max_steps=3", f"{key}=4"]) == 2
+    assert main(["--config", "tiny", f"train.output_dir={out}", "train.max_steps=3", f"{key}=5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{key}=4 is more than the run's 3 steps" in err[0] and "train.max_steps" in err[0], err
+    assert len(err) == 1 and f"{key}=5 is more than the run's 3 steps" in err[0] and "train.max_steps" in err[0], err
     assert not out.exists()
+
+
+def test_the_default_safety_interval_does_not_refuse_a_short_run():
+    """safety_every defaults to 4: a 2-step smoke test runs (one safety pass), while the same
+    interval chosen above the default is refused."""
+    from sap_dist.train import _check_intervals
+
+    cfg = load_config("quick", ["train.max_steps=2"])
+    assert cfg.sap.safety_every == 4
+    _check_intervals(cfg, 2)
+    with pytest.raises(ConfigError, match="sap.safety_every=5 is more than the run's 2 steps"):
+        _check_intervals(load_config("quick", ["sap.safety_every=5"]), 2)
 
 
 def test_probe_batch_of_no_rows_is_refused_before_anything_is_written(tmp_path, capsys):
