@@ -18,7 +18,7 @@ both shard every parameter, gradient and optimizer state over all N):
 | gradients | T x t / N (t: trained dtype bytes: 4 for LoRA adapters and for FSDP2's fp32 masters, w under ZeRO-3; 0 under ZeRO-3 optimizer offload) |
 | optimizer state | ZeRO-3: T x 12 / N (fp32 master + Adam m, v); FSDP2: T x 8 / N (Adam m, v in fp32: the trained weights are fp32 masters, bf16 only in compute); 0 when offloaded |
 | optimizer step (transient) | ZeRO-3 only: the fp32 gradient of one sub-group, 4 x min(1e9, T / N) |
-| SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (in CPU memory under parameter offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
+| SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (in CPU memory under parameter offload), the stored safety direction when `sap.safety_every` > 1 (the default 4), T x 4 / N (in CPU memory under optimizer offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
 | gathered weights (transient) | the largest unit (decoder layer, embedding or head) gathered in full, twice (the one computing and the one prefetched): 2 x U x w (QLoRA: two dequantized linear weights); full fine-tuning adds that unit's unsharded gradient, U x t |
 | activations | the larger of SAP's task pass (b sequences of s tokens per GPU) and its safety pass (2 x b_safety sequences, safe and harmful, of s_safety tokens); per sequence of s tokens: per layer s x (4h + 2 a d + 2 kv d + 4 I) x w (norm inputs, q/k/v, attention output, gate/up/activation/product), LoRA adds s x in x 4 per adapted module per layer (its fp32 input), and the loss s x V x (w + 8) (logits, their fp32 copy and log-softmax). With activation checkpointing a layer keeps only its input, s x h x w, and one layer is recomputed at a time |
 | reserve | 2 GiB for the CUDA context, NCCL buffers and allocator fragmentation (`--reserve-gib`) |
@@ -235,6 +235,8 @@ class Setup:
     safety_per_gpu: int = 1
     probe_layers: int = 2
     sap: bool = True
+    safety_every: int = 4
+    """sap.safety_every: above 1, SAP keeps g/|g| between safety passes (T x 4 / N more)."""
     activation_checkpointing: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -281,7 +283,10 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     out["gradients"] = 0.0 if off_opt else T * t / n
     out["optimizer"] = 0.0 if off_opt else T * (12 if zero3 else 2 * t) / n
     probe = PROBE_COPIES * s.probe_layers * arch.hidden * 4 if s.sap else 0
-    out["sap_copy"] = (0.0 if off_par else T * t / n) + probe if s.sap else 0.0
+    # with safety_every > 1 the stored direction g/|g|: fp32, beside the gradient it came from
+    # (in CPU memory with the gradients under optimizer offload)
+    direction = T * 4 / n if s.sap and s.safety_every > 1 else 0.0
+    out["sap_copy"] = (0.0 if off_par else T * t / n) + (0.0 if off_opt else direction) + probe if s.sap else 0.0
     if s.method == "qlora":
         largest = max(a * b for a, b in arch.linears().values())
         out["gathered"] = 2 * largest * w
@@ -296,7 +301,7 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     # CPU memory this GPU's offloaded partitions take (not part of `total`): the optimizer's fp32
     # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter); the
     # parameters (and SAP's copy of the trained ones) under parameter offload
-    out["host"] = ((T * 16 / n if off_opt else 0.0)
+    out["host"] = ((T * 16 / n + direction if off_opt else 0.0)
                    + (base + (0 if full else T * t / n) + (T * t / n if s.sap else 0) if off_par else 0.0))
     static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"]
     out["total"] = static + max(out["gathered"] + out["activations"], out["step_transient"]) + out["reserve"]
@@ -611,6 +616,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             target_modules=list(cfg.weights.target_modules), seq_len=cfg.data.max_length,
             safety_seq_len=cfg.data.safety_max_length, sap=cfg.sap.method == "sap",
             probe_layers=len(cfg.sap.probe_layers) if cfg.sap.probe_layers else 2,
+            safety_every=cfg.sap.safety_every,
             backend=cfg.dist.backend if cfg.dist.backend in ("zero3", "fsdp2") else base.backend,
         )
         # a run config's batch sizes are what it will run with: check those, do not search

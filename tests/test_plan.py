@@ -43,7 +43,7 @@ def test_tiny_lora_zero3_memory_by_hand():
     """fp32 tiny model, LoRA r=4 on q,v, ZeRO-3 over 2 GPUs, 2 task sequences of 64 tokens and
     2 safety pairs (4 sequences) of 64 tokens per GPU, SAP with 2 probe layers."""
     s = Setup(method="lora", backend="zero3", gpus=2, dtype="fp32", lora_r=4, seq_len=64, safety_seq_len=64,
-              batch_per_gpu=2, safety_per_gpu=2, probe_layers=2)
+              batch_per_gpu=2, safety_per_gpu=2, probe_layers=2, safety_every=1)
     m = memory(load_arch("tiny-random-llama"), s, reserve_gib=2.0)
     n, T = 2, TINY_LORA_R4
     assert m["weights"] == TINY_P * 4 / n + T * 4 / n  # fp32 base shard + fp32 adapter shard
@@ -60,9 +60,28 @@ def test_tiny_lora_zero3_memory_by_hand():
     assert m["total"] == static + 2 * 49152 * 64 * 4 + 155_451_392 + 2 * GiB == 187_250_304 + 2 * GiB
 
 
+@pytest.mark.parametrize("offload_optimizer", [False, True])
+def test_stored_safety_direction_by_hand(offload_optimizer):
+    """sap.safety_every > 1 (the default 4) keeps g/|g| in fp32 between safety passes: T x 4 / N
+    more per GPU (full fine-tuning of 70B on 16 GPUs: 16.4 GiB), in CPU memory with the
+    gradients under optimizer offload; plain fine-tuning keeps none."""
+    import dataclasses
+
+    arch = load_arch("llama-3-70b")
+    exact = Setup(method="full", backend="zero3", gpus=16, offload_optimizer=offload_optimizer, safety_every=1)
+    assert Setup().safety_every == 4
+    stored = memory(arch, dataclasses.replace(exact, safety_every=4))
+    exact_m = memory(arch, exact)
+    where, other = ("host", "total") if offload_optimizer else ("total", "host")
+    assert stored[where] - exact_m[where] == L70_P * 4 / 16
+    assert stored[other] == exact_m[other]
+    plain = dataclasses.replace(exact, sap=False)
+    assert memory(arch, dataclasses.replace(plain, safety_every=4)) == memory(arch, plain)
+
+
 def test_70b_full_zero3_16_gpus_by_hand():
     s = Setup(method="full", backend="zero3", gpus=16, dtype="bf16", seq_len=256, safety_seq_len=256,
-              batch_per_gpu=1, safety_per_gpu=1)
+              batch_per_gpu=1, safety_per_gpu=1, safety_every=1)
     m = memory(load_arch("llama-3-70b"), s, reserve_gib=2.0)
     P, n = L70_P, 16
     assert m["weights"] == P * 2 / n == 8_819_213_312
@@ -223,13 +242,14 @@ def _plan_json(*args: str) -> dict:
 
 
 def test_offload_plans_report_host_memory_per_node_and_honour_host_memory():
-    """Full fine-tuning of 70B with optimizer offload: 16 bytes per parameter on the CPU
-    (fp32 master, Adam m, v, fp32 gradient), split over the nodes: ~0.5 TiB per node on 16 GPUs,
-    ~1 TiB on 8. A --host-memory below that refuses the offload plans."""
+    """Full fine-tuning of 70B with optimizer offload: 20 bytes per parameter on the CPU
+    (fp32 master, Adam m, v, fp32 gradient, and the stored fp32 safety direction at the default
+    sap.safety_every=4), split over the nodes: ~0.63 TiB per node on 16 GPUs, ~1.25 TiB on 8. A
+    --host-memory below that refuses the offload plans."""
     common = ["--model", "llama-2-70b", "--method", "full", "--gpu-memory", "80"]
     on16 = _plan_json(*common, "--gpus", "16")
     on8 = _plan_json(*common, "--gpus", "8")
-    for plan, tib in ((on16, 0.5), (on8, 1.0)):
+    for plan, tib in ((on16, 0.625), (on8, 1.25)):
         assert plan["recommended"]["offload_optimizer"], plan["recommended"]
         assert plan["host_per_node_gib"] == pytest.approx(tib * 1024, rel=0.1)
     refused = _plan_json(*common, "--gpus", "8", "--host-memory", "512")
