@@ -144,8 +144,8 @@ class SapConfig:
     safety batch) on every k-th perturbing step only, and perturb the steps between along the
     stored direction, at the current size rho*||W||; u_harm, u_here and the probe are still
     recomputed on every batch. 1 is exact (a fresh direction from each step's safety batch).
-    k>1 saves most of the safety pass's cost (quick bench: 3.31x -> 2.36x plain fine-tuning's
-    step) for one fp32 copy of each rank's shard of the trained weights. Default 4, measured:
+    k>1 saves most of the safety pass's cost (quick bench: about 3.3x -> 2.4x plain
+    fine-tuning's step) for one fp32 copy of each rank's shard of the trained weights. Default 4, measured:
     on the quick experiment the direction turns as much between two draws of safety pairs at
     the same weights (cosine 0.50-0.56) as between directions 4 steps apart (0.49), so reusing
     it for 4 steps adds no staleness the pair sampling does not already have, and over 5
