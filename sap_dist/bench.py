@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import re
@@ -69,6 +70,14 @@ def methods_for(cfg: Config, candidates: dict[str, SapConfig] | None = None) -> 
     if taken:
         raise ConfigError(f"--candidate {taken[0]}: the name of a method the bench always measures; choose another")
     return methods | {name: replace(c, method="sap") for name, c in (candidates or {}).items()}
+
+
+def block_steps(methods: dict[str, SapConfig]) -> int:
+    """Steps per measured block: whole refresh cycles of every method (the probe every
+    probe_every steps, the safety pass every probe_every * safety_every), so each SAP method is
+    charged its share of both in every block; the least common multiple, since with intervals
+    2 and 3 a block of 3 would hold one or two passes of the first by turns."""
+    return math.lcm(*(m.probe_every * (m.safety_every if m.method == "sap" else 1) for m in methods.values()))
 
 
 def candidate_config(cfg: Config, name: str, overrides: str) -> SapConfig:
@@ -145,9 +154,7 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, 
             by_layers[ids] = _setup_probe(replace(cfg, sap=replace(m, probe_layers=list(ids))), backend)[0]
         probes[name] = by_layers[ids]
     states = {name: new_sap_state(probes[name], m) for name, m in methods.items()}
-    # a block holds whole refresh cycles: the probe every probe_every steps, the safety pass every
-    # probe_every * safety_every (so each SAP method is charged its share of both)
-    cycle = max(m.probe_every * (m.safety_every if m.method == "sap" else 1) for m in methods.values())
+    cycle = block_steps(methods)
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     safety_batches = {size: Batches(safety, size, cfg.train.seed + 1, backend.rank, backend.world_size)
                       for size in {m.safety_batch_size for m in methods.values()}}
@@ -311,7 +318,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"dist.backend={args.backend}")
 
     def configs(cfg: Config) -> dict[str, SapConfig]:
+        from sap_dist.train import probe_row_count
+
+        names = [name for name, _ in args.candidate]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"--candidate {repeated[0]}: given more than once")
         found = {name: candidate_config(cfg, name, settings) for name, settings in args.candidate}
+        for name, m in found.items():  # before any method is measured, not when the candidate's turn comes
+            try:
+                probe_row_count(cfg.train.batch_size, m.probe_batch_fraction, 1)
+            except ConfigError as exc:
+                raise ConfigError(f"--candidate {name}: {exc}") from None
         methods_for(cfg, found)  # refuses a name the bench already uses
         return found
 

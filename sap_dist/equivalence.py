@@ -39,13 +39,14 @@ DEFAULT_OVERRIDES = [
 
 SETTINGS = {
     "exact": [],
-    "sap-defaults": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4"],
+    "sap-defaults": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4", "sap.safety_every=4"],
     "safety-every": ["sap.probe_batch_fraction=0.5", "sap.safety_batch_size=4", "sap.safety_every=2"],
 }
 """Named SAP settings each variant is checked under (`--settings`): the config as given (the
-tiny preset: probe over the whole batch) and SAP's defaults (the probe passes over a strided
-half of the batch, which every world size must choose alike), and those with the safety
-direction reused every other step (stored shard by shard, applied at the current ||W||)."""
+tiny preset: probe over the whole batch, a fresh safety direction every step), SAP's defaults
+(the probe passes over a strided half of the batch, which every world size must choose alike,
+and the safety direction reused for 4 steps: stored shard by shard, applied at the current
+||W||), and those with the direction reused every other step."""
 
 
 def _free_port() -> int:

@@ -173,13 +173,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  n_benign_eval=4, steps=2, batch_size=4, lora_r=4, lora_dropout=0.0, max_length=64,
                  max_new_tokens=4, task_max_new_tokens=4, eval_batch_size=8, seeds=[0], n_independent_eval=10,
                  curve_steps=[1], curve_learning_rates=[1e-4],
-                 method_overrides={"sap_paper": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"],
-                                   "sap_reference": ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]},
+                 method_overrides={m: ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]
+                                   for m in ("sap_paper", "sap_reference", "sap_every_step", "sap_fast")},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # 2 CPU cores, under 30 minutes with the aligned model cached (measured in docs/experiment.md):
+    # 2 CPU cores, about 13 minutes with the aligned model cached (measured in docs/experiment.md):
     # 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts. The README's table
     # adds the clean-data sft run and the step-8 curve point (`--set clean_methods=[sft]
-    # --set curve_steps=[8,16]`), about 5 minutes more; a curve point costs a full judging (~75 s)
+    # --set curve_steps=[8,16]`); a curve point costs a full judging (~24 s)
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],

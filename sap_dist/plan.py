@@ -299,8 +299,9 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     out["step_transient"] = 4 * min(ZERO3_SUB_GROUP, T / n) if zero3 and not off_opt else 0.0
     out["reserve"] = reserve_gib * GiB
     # CPU memory this GPU's offloaded partitions take (not part of `total`): the optimizer's fp32
-    # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter); the
-    # parameters (and SAP's copy of the trained ones) under parameter offload
+    # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter), and SAP's
+    # stored safety direction with safety_every > 1 (4 more); the parameters (and SAP's copy of
+    # the trained ones) under parameter offload
     out["host"] = ((T * 16 / n + direction if off_opt else 0.0)
                    + (base + (0 if full else T * t / n) + (T * t / n if s.sap else 0) if off_par else 0.0))
     static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"]

@@ -187,8 +187,9 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
 
 def _check_intervals(cfg: Config, total_steps: int) -> None:
     """A refresh interval longer than the run means it never repeats: a mistake, refused. Not
-    at its default (safety_every=4): a smoke test of 2 steps must not fail on a setting it
-    never chose, and a default longer than the run only means one safety pass."""
+    when it equals the default (safety_every=4; the config cannot tell a default from the same
+    value given): a smoke test of 2 steps must not fail on a setting it never chose, and a
+    default longer than the run only means one safety pass."""
     if cfg.sap.method != "sap":
         return
     defaults = {f.name: f.default for f in dataclasses.fields(SapConfig)}

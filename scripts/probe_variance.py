@@ -12,7 +12,10 @@ them), each measured step computes, before the step is taken and at the same wei
   `safety_every=k` applies).
 V_safe is each layer's direction rescaled to a fixed norm, so per-layer cosines are what matter.
 
-    .venv/bin/python scripts/probe_variance.py [--steps 12] [--threads 2] [--config quick]
+    .venv/bin/python scripts/probe_variance.py [--steps 12] [--threads 2] [--config quick] [section.key=value ...]
+
+The figures in the README and docs/experiment.md were measured with the quick trainer config
+(LoRA dropout 0.1) and SAP's steps at a fresh safety direction every step: `sap.safety_every=1`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="SAP steps measured")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--config", default="quick", help="training config (preset or YAML)")
+    parser.add_argument("overrides", nargs="*", help="config overrides (section.key=value)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,7 +46,7 @@ def main() -> None:
                               select_rows)
     from sap_dist.train import Batches, _collate_safety, _collate_task, _probe_rows, _response_tokens
 
-    cfg = load_config(args.config, [])
+    cfg = load_config(args.config, args.overrides)
     sap = replace(cfg.sap, method="sap")
     tokenizer, task, safety, _, backend, probe, layers = bench_setup(cfg)
     pad, dev = tokenizer.pad_token_id, backend.device

@@ -60,6 +60,12 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     assert m["top"]["settings"]["probe_layers"] == [3] and m["sap_default"]["settings"]["probe_layers"] == [1, 2]
     assert m["top"]["settings"]["safety_every"] == 2 and m["top"]["settings"]["safety_batch_size"] == 2
     assert result["steps_per_block"] == 2  # the candidate's safety interval sets the block for every method
+    from sap_dist.bench import block_steps, methods_for
+
+    # intervals 2 and 3: a block of 6 steps holds whole cycles of both (not 3, which would give the
+    # interval-2 method one or two safety passes per block by turns)
+    three = candidate_config(cfg, "three", "sap.safety_every=3")
+    assert block_steps(methods_for(cfg, {"top": top, "three": three})) == 6
     assert set(m["top"]["passes_s"]) == {"safety", "probe_harm", "probe_here", "train"}
     assert m["top"]["time_ratio"] == pytest.approx(m["top"]["step_time_s"] / m["sft"]["step_time_s"])
 
@@ -69,6 +75,8 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     (["top", "sap.safety_every=0"], "sap.safety_every must be at least 1"),
     (["top", "sap.probe_layers=[9]"], "sap.probe_layers [9] out of range"),
     (["sft", "sap.safety_every=2"], "--candidate sft: the name of a method the bench always measures"),
+    (["top", "sap.probe_batch_fraction=0.1"], "--candidate top: sap.probe_batch_fraction=0.1 of train.batch_size=4 gives 0"),
+    (["top", "sap.safety_every=2", "--candidate", "top", "sap.safety_every=3"], "--candidate top: given more than once"),
 ])
 def test_bench_refuses_a_bad_candidate(tmp_path, candidate, message):
     proc = subprocess.run([sys.executable, "-m", "sap_dist", "bench", "--preset", "tiny", "--repeats", "1",
