@@ -28,9 +28,8 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-import yaml
 
-from sap_dist.config import Config, ConfigError, SapConfig, _apply, load_config, validate
+from sap_dist.config import Config, ConfigError, SapConfig, apply_overrides, load_config, validate
 
 PRESETS = {
     # the tiny config is exact at every step (for backend checks): probe every 2 steps on half the batch here
@@ -92,10 +91,8 @@ def candidate_config(cfg: Config, name: str, overrides: str) -> SapConfig:
         if "=" not in item or not key.startswith("sap."):
             raise ConfigError(f"--candidate {name}: {item!r} is not a sap.key=value setting (only SAP's own keys "
                               "can differ between the methods of one bench)")
-    changed = copy.deepcopy(cfg)  # _apply sets fields in place: cfg itself stays as it is
-    for item in items:
-        key, value = item.split("=", 1)
-        _apply(changed, key, yaml.safe_load(value) if value.strip() else value, f"--candidate {name}")
+    changed = copy.deepcopy(cfg)  # overrides are set in place: cfg itself stays as it is
+    apply_overrides(changed, items, f"--candidate {name}")
     validate(changed)
     return changed.sap
 

@@ -405,16 +405,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 )
             for name, value in values.items():
                 _apply(cfg, f"{section}.{name}", value, file)
-    for item in overrides or []:
+    apply_overrides(cfg, overrides or [], "command line")
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str], where: str) -> None:
+    """Set `section.key=value` strings on `cfg` in place (values parsed as YAML); errors name `where`."""
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         key = key.strip().lstrip("-")
         if key in REFUSED_FLAGS:
             raise ConfigError(f"{key} is not a sap-dist key: {REFUSED_FLAGS[key]}")
-        _apply(cfg, COMMAND_LINE_ALIASES.get(key, key), yaml.safe_load(value) if value.strip() else value, "command line")
-    validate(cfg)
-    return cfg
+        _apply(cfg, COMMAND_LINE_ALIASES.get(key, key), yaml.safe_load(value) if value.strip() else value, where)
 
 
 COMMAND_LINE_ALIASES = {"model": "model.name_or_path", "model_name_or_path": "model.name_or_path"}
