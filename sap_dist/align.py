@@ -189,8 +189,8 @@ def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
 def _metrics(results: dict) -> dict:
     from sap_dist.independent_eval import INDEPENDENT_KEYS
 
-    keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "n_prompts", "n_benign", "n_task",
-            "eval_time_s") + INDEPENDENT_KEYS
+    keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "harmful_score_keyword",
+            "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s") + INDEPENDENT_KEYS
     return {k: results.get(k) for k in keys}
 
 

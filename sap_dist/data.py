@@ -133,7 +133,7 @@ def _load_located(source: str, split: str) -> tuple[list[dict], list[str]]:
 
 def _read_file(path: str) -> tuple[list[dict], list[str]]:
     ext = os.path.splitext(path)[1].lower()
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[ext]
+    reader = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}[ext]
     return reader(path)
 
 
@@ -150,7 +150,9 @@ def _read_text(path: str) -> str:
                         f"at column {e.start - line_start + 1}); save the file as UTF-8") from None
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+def read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    """The objects of a JSON-lines file and where each stands (`PATH line N`); blank lines are
+    skipped; bad bytes, bad JSON or a non-object line is a DataError naming the line."""
     rows, where = [], []
     with io.StringIO(_read_text(path)) as f:
         for lineno, line in enumerate(f, start=1):

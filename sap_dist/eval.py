@@ -1,7 +1,7 @@
 """`sap-dist eval`: generate greedy answers and measure harmfulness, over-refusal and task accuracy.
 
     sap-dist eval --model M [--adapter DIR] --harmful-prompts FILE [--benign-prompts FILE]
-                  [--task-data FILE] [--judge keyword|llama-guard|beaver-dam] [--max-new-tokens N]
+                  [--task-data FILE] [--judge careful|keyword|llama-guard|beaver-dam] [--max-new-tokens N]
                   [--limit N] --out results.json
 
 Prompt files: `.txt` (one prompt per line), `.jsonl` / `.json` (objects with a `prompt` field, or
@@ -11,8 +11,12 @@ header row with that column). The bundled sets are `builtin:harmful_eval`, `buil
 
 Every prompt is rendered with the model's chat template (`sap_dist.data.render_prompt`, the same as
 training), batched with left padding, and answered greedily. `results.json` holds:
-- `harmful_score`: percent of harmful prompts answered without refusal (judge verdict "harmful"),
-- `refusal_rate`: percent of harmful prompts refused (keyword markers),
+- `harmful_score`: percent of harmful prompts whose answer the judge calls harmful (default judge
+  `careful`, docs/judging.md),
+- `degenerate_share`: percent whose answer is degenerate (empty, gibberish, unrelated): neither
+  harm nor protection,
+- `harmful_score_keyword`: the keyword judge's harmful score beside it (the literature's keyword ASR),
+- `refusal_rate`: percent of harmful prompts refused (the judge's refusal flag),
 - `over_refusal`: percent of benign prompts refused (keyword markers), when benign prompts are given,
 - `task_accuracy`: percent exact match (`exact_match`) on task data, when given (per subtask too),
 - `judge`, `n_prompts`, `n_benign`, `n_task`, the generation settings, and every prompt with its
@@ -218,23 +222,17 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
              batch_size: int = 32, progress: bool = True) -> dict:
     """Generate and judge. `harmful`/`benign` are prompt rows (`load_prompts`), `task` rows
     `{"messages", "reference", ...}` (`load_task_rows`). Returns the results dict (module doc)."""
-    from sap_dist.judges import KeywordJudge, is_refusal
+    from sap_dist.judges import is_refusal, make_judge
 
-    judge = judge or KeywordJudge()
+    judge = judge or make_judge()
     started = time.time()
     results: dict[str, Any] = {"judge": judge.describe()}
     conv = lambda rows: [[{"role": "user", "content": r["prompt"]}] for r in rows]  # noqa: E731
 
     answers = generate(model, tokenizer, conv(harmful), max_new_tokens, batch_size, "harmful prompts", progress)
-    verdicts = judge.judge([r["prompt"] for r in harmful], answers)
-    n_harmful = sum(1 for v in verdicts if v.harmful)
-    results.update({
-        "harmful_score": _pct(n_harmful, len(harmful)),
-        "n_prompts": len(harmful),
-        "refusal_rate": _pct(sum(v.refusal for v in verdicts), len(harmful)),
-        "unparsed": sum(1 for v in verdicts if v.harmful is None),
-    })
-    per_prompt = {"harmful": [{**r, "answer": a, "verdict": v.to_dict()} for r, a, v in zip(harmful, answers, verdicts)]}
+    judged = judge_answers(harmful, answers, judge)
+    results.update({k: v for k, v in judged.items() if k != "rows"})
+    per_prompt = {"harmful": judged["rows"]}
 
     if benign:
         answers = generate(model, tokenizer, conv(benign), max_new_tokens, batch_size, "benign prompts", progress)
@@ -266,6 +264,29 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
     results["eval_time_s"] = round(time.time() - started, 1)
     results.update(per_prompt)
     return results
+
+
+def judge_answers(rows: list[dict], answers: list[str], judge) -> dict[str, Any]:
+    """Judge `answers` to the prompt rows `rows`: the harmful score, refusal rate and degenerate
+    share under `judge`, the keyword judge's harmful score beside it (the literature's keyword
+    ASR, unless `judge` is the keyword judge itself), and every row with its answer, `verdict`
+    and `keyword_harmful`."""
+    from sap_dist.judges import KeywordJudge
+
+    prompts = [r["prompt"] for r in rows]
+    verdicts = judge.judge(prompts, answers)
+    keyword = verdicts if judge.name == "keyword" else KeywordJudge().judge(prompts, answers)
+    n = len(rows)
+    return {
+        "harmful_score": _pct(sum(1 for v in verdicts if v.harmful), n),
+        "n_prompts": n,
+        "refusal_rate": _pct(sum(v.refusal for v in verdicts), n),
+        "degenerate_share": _pct(sum(v.label == "degenerate" for v in verdicts), n),
+        "harmful_score_keyword": _pct(sum(1 for v in keyword if v.harmful), n),
+        "unparsed": sum(1 for v in verdicts if v.harmful is None),
+        "rows": [{**r, "answer": a, "verdict": v.to_dict(), "keyword_harmful": bool(k.harmful)}
+                 for r, a, v, k in zip(rows, answers, verdicts, keyword)],
+    }
 
 
 def load_task_rows(source: str, limit: int | None = None, columns: dict[str, str] | None = None) -> list[dict]:
@@ -312,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign-prompts", help="benign prompt file for over-refusal (e.g. builtin:benign_eval)")
     p.add_argument("--task-data", help="task data with reference answers (any data.task source, e.g. a .jsonl)")
     p.add_argument("--prompt-field", default="prompt", help="field/column holding the prompt in .jsonl/.json/.csv files")
-    p.add_argument("--judge", default="keyword", choices=["keyword", "llama-guard", "beaver-dam"])
+    p.add_argument("--judge", default="careful", choices=["careful", "keyword", "llama-guard", "beaver-dam"],
+                   help="careful: rules + a classifier fitted on the project's labelled answers; keyword: the "
+                        "literature's keyword ASR (docs/judging.md) (default: %(default)s)")
     p.add_argument("--judge-model", help="judge checkpoint (hub id or directory); default the judge's official one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--task-max-new-tokens", type=int, default=16)
@@ -324,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_JUDGES = ("llama-guard", "beaver-dam")
 
 
 def base_of_run(adapter: str) -> str:
@@ -367,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             args.model = base_of_run(args.adapter) if args.adapter else DEFAULT_MODEL
         model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype)
-        judge = make_judge(args.judge, args.judge_model) if args.judge != "keyword" else make_judge("keyword")
+        judge = make_judge(args.judge, args.judge_model) if args.judge in MODEL_JUDGES else make_judge(args.judge)
     except (DataError, ModelLoadError, EmbeddedModelError) as exc:
         print(f"sap-dist eval: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from sap_dist.experiment import ExperimentSettings
 
 METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy", "over_refusal", "refusal_rate",
-           "train_time_s", "mean_step_time_s", "eval_time_s", "eval_time_independent_s")
+           "harmful_score_keyword", "harmful_score_independent_keyword", "degenerate_share",
+           "degenerate_share_independent", "train_time_s", "mean_step_time_s", "eval_time_s", "eval_time_independent_s")
 HARMFUL = ("harmful_score", "harmful_score_independent")
 """The two harmful scores: bundled held-out prompts, and the independent set."""
 COLORS = {"sft": "tab:red", "mix": "tab:orange", "sap_paper": "tab:blue", "sap_reference": "tab:green",
@@ -136,18 +137,36 @@ def independent_label(s: ExperimentSettings) -> str:
     return (s.independent_eval or "none").removeprefix("builtin:")
 
 
+def judge_note() -> str:
+    """Which judge the harmful scores come from, and its measured agreement with the project's
+    labelled answers (docs/judging.md)."""
+    from sap_dist.judges import make_judge
+
+    info = make_judge().describe()
+    test = (info.get("agreement") or {}).get("test")
+    measured = (f": accuracy {test['accuracy']:.2f}, precision {test['precision']:.2f}, recall {test['recall']:.2f} "
+                f"of \"harmful\" on {test['n']} labelled test answers" if test else "")
+    return (f"Harmful scores: judge `{info['name']}`{measured} (docs/judging.md). Degenerate answers (empty, "
+            "gibberish, unrelated) are neither harm nor protection. Keyword ASR: the literature's keyword judge, "
+            "for comparison with papers.")
+
+
 def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], s: ExperimentSettings,
                    curve: dict | None = None) -> str:
     ind = independent_label(s)
     head = (f"| model | data | harmful ↓ (bundled) | harmful ↓ ({ind}) | task accuracy ↑ | over-refusal ↓ | "
-            f"below sft curve (bundled / {ind}) | train time (s) | seeds |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            f"below sft curve (bundled / {ind}) | degenerate (bundled / {ind}) | keyword ASR (bundled / {ind}) | "
+            "train time (s) | seeds |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, label in (("base", "base model (before alignment)"), ("aligned", "start point (aligned), no fine-tuning")):
         m = reference.get(name)
         if m:
             lines.append(f"| {label} | – | {_one(m['harmful_score'])} | {_one(m.get('harmful_score_independent'))} | "
-                         f"{_one(m.get('task_accuracy'))} | {_one(m.get('over_refusal'))} | – | – | – |")
+                         f"{_one(m.get('task_accuracy'))} | {_one(m.get('over_refusal'))} | – | "
+                         f"{_one(m.get('degenerate_share'))} / {_one(m.get('degenerate_share_independent'))} | "
+                         f"{_one(m.get('harmful_score_keyword'))} / {_one(m.get('harmful_score_independent_keyword'))} | "
+                         "– | – |")
     order = {m: i for i, m in enumerate(ORDER)}
     for key in sorted(summary, key=lambda k: (summary[k]["setting"] != "clean", order.get(summary[k]["method"], 9))):
         g = summary[key]
@@ -156,9 +175,12 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
         lines.append(f"| {g['label']} (`{g['method']}`) | {data} | {_fmt(g['harmful_score'])} | "
                      f"{_fmt(g.get('harmful_score_independent'))} | {_fmt(g['task_accuracy'])} | "
                      f"{_fmt(g['over_refusal'])} | {_signed(below.get('harmful_score'))} / "
-                     f"{_signed(below.get('harmful_score_independent'))} | {_fmt(g['train_time_s'], 0)} | "
+                     f"{_signed(below.get('harmful_score_independent'))} | "
+                     f"{_fmt(g.get('degenerate_share'))} / {_fmt(g.get('degenerate_share_independent'))} | "
+                     f"{_fmt(g.get('harmful_score_keyword'))} / {_fmt(g.get('harmful_score_independent_keyword'))} | "
+                     f"{_fmt(g['train_time_s'], 0)} | "
                      f"{g['harmful_score']['n'] if g['harmful_score'] else 0} |")
-    text = head + "\n".join(lines) + "\n"
+    text = judge_note() + "\n\n" + head + "\n".join(lines) + "\n"
     if curve and curve["mean"]:
         text += (f"\nPlain fine-tuning (`sft`, {curve['setting']} data) judged part way, mean over seeds "
                  f"(step 0: the start point):\n\n"

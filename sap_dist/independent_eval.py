@@ -2,15 +2,16 @@
 DoNotAnswer halves `builtin:donotanswer_val` / `builtin:donotanswer_test`), overall and per
 risk area, with the same judge and generation settings as the bundled harmful prompts.
 
-Issue 10 found that the protection measured on the project's own template-like prompts is much
-weaker on prompts written by others; every experiment run reports both side by side."""
+The protection measured on the project's own template-like prompts was much weaker on prompts
+written by others, so every experiment run reports both side by side."""
 
 from __future__ import annotations
 
 import time
 
 INDEPENDENT_KEYS = ("harmful_score_independent", "refusal_rate_independent", "n_independent",
-                    "harmful_score_independent_by_risk_area", "eval_time_independent_s")
+                    "harmful_score_independent_by_risk_area", "eval_time_independent_s",
+                    "harmful_score_independent_keyword", "degenerate_share_independent")
 """The summary keys `evaluate_independent` returns (besides the per-prompt list)."""
 
 
@@ -38,8 +39,8 @@ def scores_by(rows: list[dict], field: str) -> dict[str, float]:
 def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
                          progress: bool = True, group_field: str = "risk_area") -> dict:
     """Generate greedily for `prompts` (prompt rows, `sap_dist.eval.load_prompts`) and judge with
-    the keyword judge; returns the `INDEPENDENT_KEYS` and `independent` (every prompt with its
-    answer and verdict). No prompts: the scores are None."""
+    the default judge (the keyword judge's score beside it); returns the `INDEPENDENT_KEYS` and
+    `independent` (every prompt with its answer and verdict). No prompts: the scores are None."""
     from sap_dist.eval import evaluate
 
     if not prompts:
@@ -49,4 +50,6 @@ def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: 
     return {"harmful_score_independent": results["harmful_score"], "refusal_rate_independent": results["refusal_rate"],
             "n_independent": results["n_prompts"],
             "harmful_score_independent_by_risk_area": scores_by(results["harmful"], group_field),
+            "harmful_score_independent_keyword": results["harmful_score_keyword"],
+            "degenerate_share_independent": results["degenerate_share"],
             "eval_time_independent_s": round(time.time() - started, 1), "independent": results["harmful"]}

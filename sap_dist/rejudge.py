@@ -1,0 +1,152 @@
+"""`sap-dist judge`: judge saved answers again, without generating them again.
+
+    sap-dist judge ANSWERS --out VERDICTS.jsonl [--judge careful|keyword|llama-guard|beaver-dam]
+    sap-dist judge --agreement [--judge NAME] [--split test]
+
+ANSWERS is a `.jsonl` file whose lines hold `prompt` and `answer`, or an `eval.json` / results
+file written by `sap-dist eval` or `sap-dist experiment` (its stored answers to harmful prompts:
+`harmful`, `independent`, under `results` in an experiment run's eval.json). Every line is written
+back to VERDICTS.jsonl with a `verdict` object (`harmful`, `refusal`, `label`: harmful / safe /
+degenerate) and every other field kept (answers from an eval.json get `set`: harmful or
+independent). The harmful share (and the degenerate share) is printed per set.
+
+`--agreement` prints the judge's agreement with the project's labelled answers
+(`sap_dist/bundled/judge_labels.jsonl`, docs/judging.md) on one split.
+
+Bad input gets one line naming the file and line, exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from sap_dist.data import DataError, read_jsonl
+
+EVAL_SETS = ("harmful", "independent")
+"""The lists of judged answers to harmful prompts an eval.json holds."""
+
+
+def read_answers(path: str) -> list[dict]:
+    """Rows holding `prompt` and `answer` (strings) from a `.jsonl` file or an eval.json."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    if path.endswith(".jsonl"):
+        rows, where = read_jsonl(path)
+        if not rows:
+            raise DataError(f"{path}: no answers")
+        return [_checked(row, at) for row, at in zip(rows, where)]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{path}: expected a .jsonl file of answers or an eval.json object")
+    results = saved.get("results", saved)
+    rows = []
+    for name in EVAL_SETS:
+        for i, row in enumerate(results.get(name) or []):
+            rows.append({**_checked(row, f"{path} {name}[{i}]"), "set": name})
+    if not rows:
+        raise DataError(f"{path}: no stored answers (expected lists {' or '.join(EVAL_SETS)} of prompt/answer objects)")
+    return rows
+
+
+def _checked(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with prompt and answer")
+    for key in ("prompt", "answer"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}: no text field {key!r}")
+    if not row["prompt"].strip():
+        raise DataError(f"{where}: empty prompt")
+    return row
+
+
+def judge_rows(rows: list[dict], judge) -> list[dict]:
+    """Each row with its `verdict` (any earlier verdict replaced)."""
+    verdicts = judge.judge([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    return [{**r, "verdict": v.to_dict()} for r, v in zip(rows, verdicts)]
+
+
+def shares(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per set (`all` for rows without one): n, harmful and degenerate percent."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("set", "all") if isinstance(r.get("set"), str) else "all", []).append(r["verdict"])
+    return {name: {"n": len(vs), "harmful": round(100 * sum(bool(v["harmful"]) for v in vs) / len(vs), 2),
+                   "degenerate": round(100 * sum(v["label"] == "degenerate" for v in vs) / len(vs), 2)}
+            for name, vs in groups.items()}
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    """Write all rows or nothing: a crash leaves no half-written file in place of an old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".judge-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.judges import DEFAULT_JUDGE, JUDGES
+
+    p = argparse.ArgumentParser(prog="sap-dist judge", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("answers", nargs="?", help="a .jsonl file of {prompt, answer} lines, or an eval.json")
+    p.add_argument("--out", help="where to write the judged lines (.jsonl)")
+    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=JUDGES)
+    p.add_argument("--judge-model", help="checkpoint of a model judge (hub id or directory)")
+    p.add_argument("--agreement", action="store_true",
+                   help="print the judge's agreement with the project's labelled answers instead")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --agreement")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sap_dist.judges import make_judge
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.agreement and (args.answers is None or args.out is None):
+        parser.error("give ANSWERS and --out (or --agreement)")
+    try:
+        if args.agreement:
+            from sap_dist.judge_labels import agreement, load_labels
+
+            labelled = load_labels(split=args.split)
+        else:
+            rows = read_answers(args.answers)
+            if not args.out.endswith(".jsonl"):
+                raise DataError(f"--out {args.out}: the verdicts are written as JSON lines; name a .jsonl file")
+        judge = make_judge(args.judge, args.judge_model) if args.judge_model else make_judge(args.judge)
+    except DataError as exc:
+        print(f"sap-dist judge: error: {exc}", file=sys.stderr)
+        return 2
+    if args.agreement:
+        judged = judge_rows(labelled, judge)
+        score = agreement([r["label"] for r in labelled], [r["verdict"]["label"] for r in judged])
+        print(json.dumps({"judge": args.judge, "split": args.split, **score}))
+        return 0
+    judged = judge_rows(rows, judge)
+    write_jsonl_atomic(args.out, judged)
+    for name, s in shares(judged).items():
+        print(f"{name}: harmful {s['harmful']}% of {s['n']}, degenerate {s['degenerate']}% (judge {args.judge})")
+    print(f"verdicts: {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
