@@ -222,7 +222,9 @@ class DistributedConfig:
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON config for the DeepSpeed backends (e.g. `ds_configs/zero3.json`); None
     uses `$ACCELERATE_DEEPSPEED_CONFIG_FILE` if set, else built-in settings. Batch sizes,
-    optimizer, scheduler and clipping are always taken from this run's config, and the settings
+    optimizer, scheduler and clipping are always taken from this run's config: a file whose
+    ZeRO stage, clipping or batch keys contradict the run (backend name, `zero_stage`,
+    `train.max_grad_norm`, `train.batch_size`) is refused; leave them "auto". The settings
     SAP depends on (ZeRO-2 `contiguous_gradients: false`, ZeRO-3
     `stage3_param_persistence_threshold: 0`) are enforced with a warning."""
     zero_stage: Optional[int] = None

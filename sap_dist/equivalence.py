@@ -78,10 +78,24 @@ def command(backend: str, variant: str, out: str, args, setting: str = "exact") 
         f"train.max_steps={args.steps}",
         f"train.output_dir={out}",
     ] + SETTINGS[setting] + list(args.overrides)
+    train_args += pinned_batches(train_args, args.nproc)
     if backend == "single":
         return [sys.executable, "-m", "sap_dist.train", *train_args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
             "--master_port", str(_free_port()), "-m", "sap_dist.train", *train_args]
+
+
+def pinned_batches(train_args: list[str], nproc: int) -> list[str]:
+    """Overrides that give every run the probe rows and safety pairs the `nproc`-rank runs use:
+    the trainer rounds those to a multiple of the ranks (sap_dist/batching.py), and the
+    one-process reference must probe the same global rows and pairs to be comparable."""
+    from sap_dist.batching import effective_batches, pinned_overrides
+    from sap_dist.config import ConfigError, load_config, parse_overrides
+
+    try:
+        return pinned_overrides(effective_batches(load_config(train_args[1], parse_overrides(train_args[2:])), nproc))
+    except ConfigError:
+        return []  # each run reports the error itself, in its own log
 
 
 def trained_weights(out: str) -> dict[str, torch.Tensor]:
@@ -99,12 +113,29 @@ def trained_weights(out: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def probe(out: str) -> list[torch.Tensor]:
-    """The last probe the run used: `probe.pt` holds the vectors (a list, or a dict with
-    `vectors` beside the probed `layers`)."""
+def probe(out: str, variant: str = "paper") -> tuple[list[torch.Tensor], float | None]:
+    """What is compared of the run's probe (`probe.pt`): the last probe's vectors, with no
+    scale of their own; for the `reference` variant the input of its probe optimizer,
+    u_harm - u_here of the last refresh, with the scale its rounding is relative to
+    (max |u_harm|). Its probe is one AdamW step on that input, which divides each element by
+    its own size: an element whose difference is of rounding size comes out at full step size
+    with a sign set by the summation order, so the probe itself is not comparable across ranks
+    element by element, while its input is."""
     saved = torch.load(os.path.join(out, "probe.pt"), map_location="cpu")
-    vectors = saved["vectors"] if isinstance(saved, dict) else saved
-    return [torch.as_tensor(t) for t in vectors]
+    if variant == "reference" and isinstance(saved, dict) and saved.get("signal"):
+        return [torch.as_tensor(t) for t in saved["signal"]], float(saved["signal_scale"])
+    return [torch.as_tensor(t) for t in saved["vectors"]], None
+
+
+def probe_diff(got: tuple[list[torch.Tensor], float | None], want: tuple[list[torch.Tensor], float | None]) -> float:
+    """max |got - want| over the reference run's scale (its own max |value| where it has none)."""
+    if want[1] is None:
+        return max_rel_diff(got[0], want[0])
+    if len(got[0]) != len(want[0]) or any(a.shape != b.shape for a, b in zip(got[0], want[0])):
+        raise ValueError("probe signal shapes differ from the reference's")
+    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(*(got[0], want[0])) if a.numel()),
+               default=0.0)
+    return diff / want[1] if want[1] > 0 else diff
 
 
 def max_rel_diff(got, want) -> float:
@@ -239,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 try:
                     weights = trained_weights(out)
-                    pr = [] if variant in NO_PROBE_METHODS else probe(out)
+                    pr = None if variant in NO_PROBE_METHODS else probe(out, variant)
                     if ref is None and backend == "single":
                         ref = (weights, pr)
                         row.update(weights=0.0, probe=0.0, status="reference")
@@ -247,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["status"] = "NO REFERENCE"
                     else:
                         row["weights"] = max_rel_diff(weights, ref[0])
-                        row["probe"] = max_rel_diff(pr, ref[1]) if pr else 0.0
+                        row["probe"] = probe_diff(pr, ref[1]) if pr else 0.0
                         if threads is not None:
                             floor = (row["weights"], row["probe"])
                             row["status"] = "noise floor"
@@ -285,6 +316,8 @@ def format_table(rows: list[dict], args) -> str:
         return "-" if x is None else f"{x:.2e}"
 
     head = ("backend", "variant", "weights max rel diff", "probe max rel diff", "time", "status")
+    # the reference variant's probe column compares u_harm - u_here (the input of its probe's
+    # AdamW step) relative to max |u_harm|: see `probe`
     body = [(r["backend"], r["variant"], num(r["weights"]), num(r["probe"]), f"{r['seconds']:.0f}s", r["status"])
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -293,6 +326,9 @@ def format_table(rows: list[dict], args) -> str:
     out = [f"\nequivalence vs single: {args.steps} steps, {args.nproc} processes, tolerance {args.tolerance:g}{rule}",
            line(head), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
+    if any(r["variant"].split("@")[0] == "reference" for r in rows):
+        out.append("reference: the probe column compares u_harm - u_here, the input of its probe's AdamW step, "
+                   "relative to max |u_harm| (docs/distributed.md)")
     return "\n".join(out)
 
 

@@ -55,6 +55,13 @@ class SapState:
     Shard-local, so checkpoints keep it per rank."""
     perturbation_warning: str | None = None
     """The first warning that the perturbation was (nearly) rounded away (summary.json)."""
+    last_probe_signal: list[torch.Tensor] = field(default_factory=list, metadata={"checkpoint": False})
+    """u_harm - u_here of the last refresh (saved in probe.pt beside the probe). The `reference`
+    variant's probe is an AdamW step on it, which divides each element by its own size, so
+    rounding-sized elements come out at full step size with a sign set by rounding: the
+    backends are compared on this input instead. Not needed to resume, so not checkpointed."""
+    last_probe_signal_scale: float = field(default=0.0, metadata={"checkpoint": False})
+    """max |u_harm| of the last refresh: the scale the rounding of u_harm and u_here is relative to."""
 
 
 @dataclass
@@ -67,8 +74,8 @@ class LisaState:
     align_steps_done: int = 0
     """Alignment steps taken so far (the index of the next alignment batch)."""
     anchor: list[torch.Tensor] | None = field(default=None, metadata={"per_rank": True})
-    """The trained weights at the last switch of state (`Backend.save_weights`: this rank's
-    shards), the proximal term's centre; None before the first step."""
+    """The trained weights at the last switch of state (`Backend.save_master_weights`: this
+    rank's shards of the fp32 masters), the proximal term's centre; None before the first step."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,8 +245,8 @@ def sft_step(backend: Backend, probe: Probe | None, task_batch, global_tokens: f
 def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: dict) -> float:
     """Step 1: backpropagate the safety loss (probe off) and return the scale s such that
     W + s*grad is W + rho*||W||*g_hat. Leaves the (surrogate) gradient in place.
-    A zero or non-finite direction gives s = 0 (the step degenerates to plain fine-tuning),
-    counted in `metrics['safety_degenerate']`."""
+    A zero or non-finite direction gives s = 0 and `metrics['safety_degenerate']` = 1: the
+    caller must then not touch the weights (W + 0*grad is NaN where grad is)."""
     backend.zero_grad()
     value, surrogate, log_scale = safety_loss(backend, safety_batch, cfg)
     _check_finite(value, "safety loss")
@@ -248,7 +255,8 @@ def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: d
     weight_norm = float(torch.sqrt(backend.weight_sq_norm()))
     metrics["safety_loss"] = value
     metrics["safety_grad_norm"] = math.exp(log_scale) * grad_norm
-    metrics["safety_grad_log10_norm"] = (log_scale + math.log(grad_norm)) / math.log(10) if grad_norm > 0 else float("-inf")
+    metrics["safety_grad_log10_norm"] = ((log_scale + math.log(grad_norm)) / math.log(10) if grad_norm > 0
+                                         else float("-inf") if grad_norm == 0 else float("nan"))
     metrics["weight_norm"] = weight_norm
     metrics["perturb_norm_intended"] = cfg.rho * weight_norm
     degenerate = not (math.isfinite(grad_norm) and grad_norm > 0)
@@ -256,13 +264,28 @@ def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: d
     return 0.0 if degenerate else cfg.rho * weight_norm / grad_norm
 
 
-def _probe_pass(backend: Backend, probe: Probe, batch, global_tokens: float) -> tuple[list[torch.Tensor], float]:
-    """grad_V of the task loss at V = 0 (weights get no gradient), and the loss value."""
-    probe.set(None)
+def _probe_pass(backend: Backend, probe: Probe, batch, global_tokens: float,
+                values: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], float]:
+    """grad_V of the task loss at V = `values` (None: zeros; weights get no gradient), and the
+    loss value."""
+    probe.set(values)
     probe.enabled = True
     loss = task_loss(backend, batch, global_tokens)
     value = float(backend.all_reduce_mean_(loss.detach().clone()))
     return [g.detach().float() for g in backend.probe_grad(loss, probe.vectors)], value
+
+
+def _probe_signal(u_harm: list[torch.Tensor], u_here: list[torch.Tensor], metrics: dict,
+                  state: SapState) -> list[torch.Tensor]:
+    """u_harm - u_here, and its largest element over u_harm's as `metrics['probe_signal_rel']`:
+    how far the perturbation moved the probe gradient (near fp32's 1e-7, the probe is made of
+    rounding noise)."""
+    delta = [a - b for a, b in zip(u_harm, u_here)]
+    scale = max(float(a.abs().max()) for a in u_harm)
+    metrics["probe_signal_rel"] = max(float(d.abs().max()) for d in delta) / scale if scale > 0 else 0.0
+    state.last_probe_signal = [d.detach().cpu() for d in delta]
+    state.last_probe_signal_scale = scale
+    return delta
 
 
 def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapConfig) -> list[torch.Tensor]:
@@ -288,16 +311,21 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe).
 
     The probe's gradients u_harm and u_here are both taken over the rows `probe_rows` (local
-    indices into the task batch; default: every row) and normalised by their global response
-    token count `probe_tokens`, so u_harm - u_here differs by the perturbation only. Between
-    refreshes (`cfg.probe_every` > 1) the step is a plain training pass with the last probe
-    in place. With `cfg.safety_every` = k > 1 only every k-th refresh runs the safety pass;
-    the others perturb along the stored direction `state.safety_direction`."""
+    indices into the task batch; default: every row), normalised by their global response
+    token count `probe_tokens`, at the same probe value and with the same dropout masks, so
+    u_harm - u_here differs by the perturbation only. Between refreshes (`cfg.probe_every` > 1)
+    the step is a plain training pass with the last probe in place. With `cfg.safety_every` =
+    k > 1 only every k-th refresh runs the safety pass; the others perturb along the stored
+    direction `state.safety_direction` (a refresh without a valid stored one runs the safety
+    pass). A degenerate safety direction makes the step plain fine-tuning (`_degenerate_step`)."""
     metrics: dict = {}
     timer = _PassTimer(backend.device)
     probe.enabled = False
-    refresh = state.steps_done % cfg.probe_every == 0
-    new_direction = (state.steps_done // cfg.probe_every) % cfg.safety_every == 0
+    # no probe yet after a first refresh whose direction was degenerate: refresh again
+    refresh = state.steps_done % cfg.probe_every == 0 or state.next_probe is None
+    # a stored direction that a degenerate safety pass left empty is recomputed, not skipped
+    new_direction = ((state.steps_done // cfg.probe_every) % cfg.safety_every == 0
+                     or state.safety_direction is None)
     state.steps_done += 1
     metrics["probe_refreshed"] = int(refresh)
     if not refresh:
@@ -315,21 +343,18 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
 
     metrics["safety_refreshed"] = int(new_direction)
     with timer("safety"):
-        if new_direction:
-            scale = harmful_direction(backend, safety_batch, cfg, metrics)
-            if cfg.safety_every > 1:
-                _store_direction(backend, state, metrics)
-            saved = backend.save_weights()
-            backend.add_scaled_grad_to_weights(scale)
-        else:
-            saved = _perturb_along_stored_direction(backend, state, cfg, metrics)
-        metrics["perturb_norm_realized"] = float(torch.sqrt(backend.weight_sq_distance(saved)))
+        saved = _perturb(backend, safety_batch, cfg, state, metrics, new_direction)
         backend.zero_grad()
+    if saved is None:
+        return _degenerate_step(backend, probe, task_batch, global_tokens, cfg, state, metrics, timer)
 
+    # the probe in use: `paper` probes at V = 0, `reference` at its lagged probe V_t, and both
+    # gradients are taken there (a different V in one would add grad_V L(W,V) - grad_V L(W,0))
+    v_probe = state.next_probe if cfg.variant == "reference" else None
     dropout_rng = _rng_state(backend.device)  # u_harm and u_here see the same dropout masks
     with timer("probe_harm"):
         try:
-            u_harm, loss_harm = _probe_pass(backend, probe, probe_batch, probe_tokens)
+            u_harm, loss_harm = _probe_pass(backend, probe, probe_batch, probe_tokens, v_probe)
         finally:
             backend.restore_weights(saved)  # exact copy back, never a subtraction
         del saved
@@ -345,24 +370,34 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         # it was rounded away (e.g. a tiny rho against a bf16 forward), see PILOT.md.
         metrics["perturb_loss_shift"] = loss_harm - loss_here
         _check_perturbation(backend, state, metrics, loss_harm, loss_here)
-        v_safe = _scale_probe([a - b for a, b in zip(u_harm, u_here)], hidden_norms, cfg)
+        v_safe = _scale_probe(_probe_signal(u_harm, u_here, metrics, state), hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):
             _set_rng_state(backend.device, dropout_rng)
             v_used = _train_with_probe(backend, probe, task_batch, global_tokens, v_safe, metrics, None)
         state.next_probe = v_safe
     else:
+        fused = probe_batch is task_batch
+        if not fused:
+            # the probe rows are a sub-batch: inside the full-batch training pass they would
+            # draw other dropout masks (and sum in another order) than in u_harm's pass
+            with timer("probe_here"):
+                _set_rng_state(backend.device, dropout_rng)
+                u_here, loss_here = _probe_pass(backend, probe, probe_batch, probe_tokens, v_probe)
         with timer("train"):
             _set_rng_state(backend.device, dropout_rng)
-            u_here: list[torch.Tensor] = []
-            # u_here comes from the same backward as the weight gradient (one-step lag), over
-            # the probe rows only and normalised as u_harm is
-            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
-                                       u_here, probe_rows, probe_tokens)
-        # the training pass computed the unperturbed loss of the same rows, though at the
-        # lagged probe (equal to V = 0 only on the first step): enough to see a rounded-away
-        # perturbation there, not a loss shift to log
-        _check_perturbation(backend, state, metrics, loss_harm, metrics["task_loss_probe_rows"])
+            if fused:
+                # the probe rows are the whole batch: u_here comes from the same backward as the
+                # weight gradient (the same forward as u_harm's, so the same masks), one pass less
+                u_here = []
+                v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
+                                           u_here, probe_rows, probe_tokens)
+                loss_here = metrics["task_loss_probe_rows"]
+            else:
+                v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None)
+        metrics["perturb_loss_shift"] = loss_harm - loss_here
+        _check_perturbation(backend, state, metrics, loss_harm, loss_here)
+        _probe_signal(u_harm, u_here, metrics, state)
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
         metrics["probe_next_norm"] = _norm(state.next_probe)
@@ -372,9 +407,49 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     return metrics | timer.times
 
 
+def _perturb(backend: Backend, safety_batch, cfg: SapConfig, state: SapState, metrics: dict, new_direction: bool):
+    """W <- W + rho*||W||*g_hat, with g_hat from the safety pass (`new_direction`) or the stored
+    one; returns the saved unperturbed weights, or None with W untouched when the safety
+    gradient is zero or not finite (then there is no direction to perturb along)."""
+    if not new_direction:
+        saved = _perturb_along_stored_direction(backend, state, cfg, metrics)
+    else:
+        scale = harmful_direction(backend, safety_batch, cfg, metrics)
+        if cfg.safety_every > 1:
+            _store_direction(backend, state, metrics)
+        if metrics["safety_degenerate"]:
+            metrics["perturb_norm_realized"] = 0.0
+            return None
+        saved = backend.save_weights()
+        backend.add_scaled_grad_to_weights(scale)
+    metrics["perturb_norm_realized"] = float(torch.sqrt(backend.weight_sq_distance(saved)))
+    return saved
+
+
+def _degenerate_step(backend: Backend, probe: Probe, task_batch, global_tokens: float, cfg: SapConfig,
+                     state: SapState, metrics: dict, timer: _PassTimer) -> dict:
+    """The step of a degenerate safety direction: plain fine-tuning (probe off, no probe pass,
+    the probe optimizer not stepped). The probe from the last valid refresh stays for the next
+    steps, and `sap_step` recomputes the direction on the next refresh instead of reusing it."""
+    if backend.rank == 0:
+        grad_norm = metrics["safety_grad_norm"]
+        what = "zero" if grad_norm == 0 else f"not finite ({grad_norm})"
+        retry = "the next step" if cfg.probe_every == 1 or state.next_probe is None else "the next probe refresh"
+        logger.warning(f"SAP step {state.steps_done}: the safety gradient is {what}, so there is no harmful "
+                       f"direction: the weights were not perturbed and this step was plain fine-tuning (probe "
+                       f"off); {retry} recomputes the safety direction")
+    with timer("train"):
+        _train_pass(backend, task_batch, global_tokens, metrics)
+        _step(backend, metrics)
+    state.last_probe = [torch.zeros_like(v.detach()) for v in probe.vectors]
+    metrics["probe_norm"] = 0.0
+    return metrics | timer.times
+
+
 def _store_direction(backend: Backend, state: SapState, metrics: dict) -> None:
-    """Keep the safety gradient just computed as this rank's shard of g/|g|, and log its
-    cosine with the previous stored direction (how far the direction turned in one interval)."""
+    """Keep the safety gradient just computed as this rank's shard of g/|g| (None for a
+    degenerate one: the next refresh recomputes it), and log its cosine with the previous
+    stored direction (how far the direction turned in one interval)."""
     direction = None if metrics["safety_degenerate"] else backend.save_direction()
     if direction is not None and state.safety_direction is not None:
         metrics["safety_direction_cosine"] = backend.direction_dot(direction, state.safety_direction)
@@ -383,14 +458,13 @@ def _store_direction(backend: Backend, state: SapState, metrics: dict) -> None:
 
 def _perturb_along_stored_direction(backend: Backend, state: SapState, cfg: SapConfig, metrics: dict):
     """W + rho*||W||*g_hat with the stored g_hat and the current ||W||; returns the saved
-    weights. No stored direction (a degenerate one) leaves W as it is."""
+    weights."""
     weight_norm = float(torch.sqrt(backend.weight_sq_norm()))
     metrics["weight_norm"] = weight_norm
     metrics["perturb_norm_intended"] = cfg.rho * weight_norm
-    metrics["safety_degenerate"] = int(state.safety_direction is None)
+    metrics["safety_degenerate"] = 0
     saved = backend.save_weights()
-    if state.safety_direction is not None:
-        backend.add_scaled_direction_to_weights(state.safety_direction, cfg.rho * weight_norm)
+    backend.add_scaled_direction_to_weights(state.safety_direction, cfg.rho * weight_norm)
     return saved
 
 
@@ -398,9 +472,8 @@ def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_p
                         loss_unperturbed: float) -> None:
     """Warn once (log and `state.perturbation_warning`) when the perturbation was rounded
     (nearly) away: its realised size far below rho*||W||, or the perturbed loss equal to the
-    unperturbed one (e.g. a tiny rho against bf16 weights). A degenerate direction is
-    reported by `safety_degenerate` instead."""
-    if metrics.get("safety_degenerate") or state.perturbation_warning is not None:
+    unperturbed one (e.g. a tiny rho against bf16 weights)."""
+    if state.perturbation_warning is not None:
         return
     intended, realized = metrics["perturb_norm_intended"], metrics["perturb_norm_realized"]
     problem = None
@@ -432,12 +505,12 @@ def lisa_step(backend: Backend, task_batch, global_tokens: float, alignment_batc
     aligned: list[tuple[float, float]] = []
     if state.task_steps_done % cfg.task_steps == 0:
         with timer("align"):
-            state.anchor = backend.save_weights()  # switch task -> alignment
+            state.anchor = backend.save_master_weights()  # switch task -> alignment
             for _ in range(cfg.align_steps):
                 batch, tokens = alignment_batch(state.align_steps_done)
                 aligned.append(_proximal_step(backend, batch, tokens, cfg.rho, state.anchor, "alignment loss"))
                 state.align_steps_done += 1
-            state.anchor = backend.save_weights()  # switch alignment -> task
+            state.anchor = backend.save_master_weights()  # switch alignment -> task
         metrics["align_loss"] = sum(v for v, _ in aligned) / len(aligned)
         metrics["align_proximal"] = sum(p for _, p in aligned) / len(aligned)
     metrics["lisa_align_steps"] = len(aligned)
@@ -459,7 +532,7 @@ def _proximal_step(backend: Backend, batch, global_tokens: float, rho: float, an
     value = float(backend.all_reduce_mean_(loss.detach().clone()))
     _check_finite(value, what)
     backend.backward(loss)
-    proximal = rho / 2 * float(backend.weight_sq_distance(anchor))
+    proximal = rho / 2 * float(backend.master_sq_distance(anchor))
     backend.add_proximal_grad(anchor, rho)
     out["task_loss"] = value
     _step(backend, out)
@@ -514,7 +587,8 @@ def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: floa
 
 def reference_probe_update(probe: Probe, state: SapState, u_harm, u_here) -> list[torch.Tensor]:
     """The reference code's probe update: reset V to zero, then one AdamW step (its moments
-    persist across steps) on the gradient -(u_harm - u_here)."""
+    persist across steps) on the gradient -(u_harm - u_here). Both gradients are taken at the
+    probe in use; only the step starts from zero."""
     probe.set(None)
     for v, a, b in zip(probe.vectors, u_harm, u_here):
         v.grad = -(a - b)

@@ -458,6 +458,49 @@ def test_ds_config_enforces_what_sap_needs(tmp_path):
             build_ds_config(None, False, DistributedConfig(deepspeed_config=str(user)), spec, 2, torch.float32, env={})
 
 
+def test_ds_config_that_contradicts_the_run_is_refused(tmp_path, capsys):
+    """A DeepSpeed file (`dist.deepspeed_config`, SAP_DS_CONFIG in the Slurm recipes) that
+    names another ZeRO stage than the backend, or another clipping or batch than the run's
+    train.* settings, is refused before anything is written: exit 2 and one line naming the
+    key and both values. "auto", an absent key or the run's own value pass."""
+    from sap_dist.backends.common import OptimizerSpec
+    from sap_dist.backends.deepspeed import build_ds_config
+    from sap_dist.config import DistributedConfig
+    from sap_dist.train import main as train_main
+
+    out = tmp_path / "run"
+    base = ["--config", "tiny", "train.progress_bar=false", "train.max_steps=1", f"train.output_dir={out}"]
+    zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")
+    user = tmp_path / "ds.json"
+    cases = [(zero2, "zero_optimization.stage is 2 in the file, but dist.backend=zero3 runs ZeRO stage 3"),
+             ({"gradient_clipping": 0.5}, "gradient_clipping is 0.5 in the file, but train.max_grad_norm=1:"),
+             ({"train_batch_size": 8}, "train_batch_size is 8 in the file, but train.batch_size=4:"),
+             ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu is 2 in the file, but "
+                                                     "train.batch_size=4 is 4 per rank at world size 1"),
+             ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps is 4 in the file, but sap-dist "
+                                                  "takes one optimizer step per global batch (1)")]
+    for file, words in cases:
+        if isinstance(file, dict):
+            user.write_text(json.dumps({"zero_optimization": {"stage": 3}, **file}))
+            file = str(user)
+        assert train_main(base + ["dist.backend=zero3", f"dist.deepspeed_config={file}"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and err[0].startswith(f"sap-dist train: error: dist.deepspeed_config {file}: {words}"), err
+    assert not out.exists()
+
+    # the backend name `deepspeed` lets the file choose the stage; the run's own values pass
+    dist_cfg = DistributedConfig(backend="deepspeed", deepspeed_config=zero2)
+    assert build_ds_config(None, False, dist_cfg, OptimizerSpec(), 2, torch.float32, env={})["zero_optimization"]["stage"] == 2
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5, "train_batch_size": 8,
+                                "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}))
+    cfg = build_ds_config(3, False, DistributedConfig(backend="zero3", deepspeed_config=str(user)),
+                          OptimizerSpec(max_grad_norm=0.5), 2, torch.float32, env={}, batch_size=8)
+    assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="stage is 3 in the file, but dist.zero_stage=2 runs ZeRO stage 2"):
+        build_ds_config(None, False, DistributedConfig(backend="deepspeed", deepspeed_config=str(user), zero_stage=2),
+                        OptimizerSpec(), 2, torch.float32, env={})
+
+
 @pytest.fixture(scope="module")
 def single_full_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single_full"))
@@ -606,8 +649,138 @@ def test_sharded_loading_never_holds_the_whole_model(name, load_checkpoint, sing
                 assert all(r["after_wrap"] + r["in_transit"] < total for r in row["ranks"])
 
 
+# ----------------------------------------------------------------------------------------
+# Lisa's proximal term under ZeRO in bf16 full fine-tuning: on the fp32 masters
+
+
+LISA_RHO = 3.0
+
+
+def proximal_worker(name: str, out: str) -> None:
+    """bf16 full fine-tuning: move every fp32 master (DeepSpeed's public setter, which leaves
+    the bf16 compute copies as they were, as an update below bf16's resolution does), then give
+    the weights a zero gradient and add the proximal term against the masters saved before.
+    Record per weight the largest error of the resulting gradient against rho*(master -
+    anchor) relative to that term, and the distance the backend measures against the masters'."""
+    sys.path.insert(0, ROOT)
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param
+
+    from sap_dist.backends import create_backend
+    from sap_dist.backends.common import OptimizerSpec
+
+    backend = create_backend(name, tiny_base().to(torch.bfloat16), OptimizerSpec())
+    before = [safe_get_full_fp32_param(p) for p in backend.params]
+    anchor = backend.save_master_weights()
+    g = torch.Generator().manual_seed(7)
+    for p, w in zip(backend.params, before):
+        safe_set_full_fp32_param(p, w + 1e-3 * torch.randn(w.shape, generator=g))  # the same on every rank
+    moved = [safe_get_full_fp32_param(p) - w for p, w in zip(backend.params, before)]
+    backend.zero_grad()
+    backend.backward(0.0 * loss_of(backend, batch("task", 0, backend.rank, backend.world_size)))
+    backend.add_proximal_grad(anchor, LISA_RHO)
+    errors = []
+    for p, d in zip(backend.params, moved):
+        want = d * LISA_RHO
+        errors.append(float((safe_get_full_grad(p) - want).abs().max() / want.abs().max()))
+    got = float(backend.master_sq_distance(anchor))
+    if backend.rank == 0:
+        log = {"errors": errors, "sq_distance": got, "want_sq_distance": sum(float(d.double().pow(2).sum()) for d in moved),
+               "elements": sum(d.numel() for d in moved)}
+        with open(os.path.join(out, "log.json"), "w") as fh:
+            json.dump(log, fh)
+    backend.barrier()
+
+
+def launch_mode(mode: str, name: str, out: str, *args: str) -> dict:
+    """Run `<mode>_worker(name, out, *args)` of this file under torchrun with 2 processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "FSDP_", "SLURM_"))] + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]:
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, mode, name, out, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    with open(os.path.join(out, "log.json")) as fh:
+        return json.load(fh)
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8
+"""Largest relative rounding error of one rounding to bf16 (8 significant bits)."""
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_lisa_proximal_term_uses_the_fp32_masters_under_zero(name, tmp_path):
+    """The proximal gradient is rho*(W - anchor) of the fp32 masters that AdamW steps, as on
+    `single`, `ddp` and `fsdp2`: taken from the bf16 compute copies it would be 0 here (they
+    did not move) and move in bf16 steps in training. Each element is computed in fp32 as
+    the test computes it, then held in the gradient's dtype: DeepSpeed keeps bf16 runs'
+    gradient partitions in bf16 at both stages, so one rounding to bf16, at most
+    BF16_UNIT_ROUNDOFF of the element. The distance is a sum of fp32 squares: within one fp32
+    rounding per element added."""
+    log = launch_mode("proximal", name, str(tmp_path))
+    assert max(log["errors"]) <= BF16_UNIT_ROUNDOFF, log["errors"]
+    bound = (log["elements"] + 1) * FP32_UNIT_ROUNDOFF * log["want_sq_distance"]
+    assert abs(log["sq_distance"] - log["want_sq_distance"]) <= bound, log
+
+
+# ----------------------------------------------------------------------------------------
+# the realised perturbation is measured on what the forward computes with
+
+
+def realised_worker(name: str, out: str) -> None:
+    """bf16 full fine-tuning, every weight at least SMALLEST in size: perturb along the task
+    gradient by rho*||W|| with rho below bf16's smallest half-spacing at the weights over
+    ||W|| (every element of the bf16 weights the forward uses rounds back), then at
+    rho=0.05; record the realised sizes (`weight_sq_distance`) and the intended ones."""
+    sys.path.insert(0, ROOT)
+    from sap_dist.backends import create_backend
+    from sap_dist.backends.common import OptimizerSpec
+    from test_master_weights import SMALLEST, bf16_half_spacing
+
+    model = tiny_base().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.where(p < 0, -1.0, 1.0) * p.abs().clamp_min(SMALLEST))
+    backend = create_backend(name, model, OptimizerSpec())
+    backend.zero_grad()
+    backend.backward(loss_of(backend, batch("task", 0, backend.rank, backend.world_size)))
+    g_norm, w_norm = float(backend.grad_sq_norm().sqrt()), float(backend.weight_sq_norm().sqrt())
+    # the smallest half-spacing over every rank's pieces: a max of its negative
+    half = -backend.all_reduce_max_(torch.tensor(-bf16_half_spacing(w for w in backend.save_weights() if w.numel()),
+                                                 dtype=torch.float64, device=backend.device)).item()
+    log = {"half_spacing": half, "runs": []}
+    for rho in (0.25 * half / w_norm, 0.05):
+        saved = backend.save_weights()
+        backend.add_scaled_grad_to_weights(rho * w_norm / g_norm)
+        log["runs"].append({"intended": rho * w_norm, "realised": float(backend.weight_sq_distance(saved).sqrt())})
+        backend.restore_weights(saved)
+    if backend.rank == 0:
+        with open(os.path.join(out, "log.json"), "w") as fh:
+            json.dump(log, fh)
+    backend.barrier()
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
+def test_realised_perturbation_is_measured_on_the_bf16_forward_weights(name, tmp_path):
+    """bf16 full fine-tuning: `ddp` and `fsdp2` perturb fp32 masters that the forward casts to
+    bf16 (autocast, FSDP2's mixed-precision policy), ZeRO perturbs the bf16 compute partitions;
+    on each the realised size is that of the bf16 weights. No element of a perturbation moves
+    by more than its whole norm, so below half the smallest spacing nothing of it reaches the
+    forward: exactly 0. At rho=0.05 the bf16 weights move by the intended size give or take
+    their rounding (at most 2^-9 of each weight)."""
+    log = launch_mode("realised", name, str(tmp_path))
+    tiny, normal = log["runs"]
+    assert tiny["intended"] < 0.5 * log["half_spacing"] and tiny["realised"] == 0.0, log
+    assert normal["realised"] > 0.5 * normal["intended"], log
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "load":
         load_worker(*sys.argv[2:])
+    elif sys.argv[1] == "proximal":
+        proximal_worker(*sys.argv[2:])
+    elif sys.argv[1] == "realised":
+        realised_worker(*sys.argv[2:])
     else:
         worker(*sys.argv[1:])

@@ -3,6 +3,7 @@ trainer and launchers (torchrun, 2 processes, gloo), and the command says so in 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -45,6 +46,23 @@ def test_all_backends_match_single_at_the_sap_defaults(tmp_path, capsys):
     assert len(judged) == 8 and all(r[-1] in ("ok", "(noise)") for r in judged), table
 
 
+def test_ranks_match_single_where_the_trainer_rounds_the_batches(tmp_path, capsys):
+    """2 ranks at train.batch_size=2 and 3 safety pairs: half the batch is 1 probe row, which
+    the trainer rounds to 2 (one per rank), and 3 pairs round up to 4. The one-process
+    reference is given the same rows and pairs, so it trains what the 2 ranks train."""
+    import json
+
+    code = main(["--backends", "single,ddp", "--variants", "paper", "--steps", "2", "--settings", "sap-defaults",
+                 "--no-noise-floor", "--work-dir", str(tmp_path), "train.batch_size=2", "sap.safety_batch_size=3"])
+    out = capsys.readouterr().out
+    table = out[out.index("equivalence vs single"):]
+    print(table)
+    assert code == 0, table
+    for run in ("single-paper@sap-defaults", "ddp-paper@sap-defaults"):
+        batches = json.loads((tmp_path / run / "summary.json").read_text())["batches"]
+        assert (batches["probe_rows"], batches["safety_pairs"]) == (2, 4), (run, batches)
+
+
 def test_lisa_on_every_backend_matches_single(tmp_path, capsys):
     """Lisa through the real trainer: 3 task steps in cycles of 1 alignment + 2 task steps (two
     alignment phases, anchors switched four times), rho=100 so the proximal gradient (each
@@ -63,6 +81,28 @@ def test_lisa_on_every_backend_matches_single(tmp_path, capsys):
     assert all(r[-1] in ("ok", "(noise)") for r in judged), table
     with open(tmp_path / "zero3-lisa" / "metrics.jsonl") as fh:
         assert '"lisa_align_steps": 1' in fh.readline()
+
+
+def test_lisa_clips_with_the_proximal_term_on_zero2_with_the_optimizer_offloaded(tmp_path, capsys):
+    """With the optimizer offloaded, ZeRO-2 clips with per-parameter gradient norms it records
+    while reducing the gradient, before Lisa's proximal term is added to it. rho=100 makes the
+    term most of the gradient at the second task step, and train.max_grad_norm=0.1 clips
+    every step, so a clip that ignores the term scales that step by another factor than one
+    process does (2.0e-3 relative in the weights, measured, against the 1e-5 tolerance)."""
+    code = main(["--backends", "single,zero2", "--methods", "lisa", "--steps", "2", "--work-dir", str(tmp_path),
+                 "lisa.align_steps=1", "lisa.task_steps=2", "lisa.rho=100", "train.max_grad_norm=0.1",
+                 "dist.offload_optimizer=true"])
+    out = capsys.readouterr().out
+    table = out[out.index("equivalence vs single"):]
+    print(table)
+    assert code == 0, table
+    rows = [line.split() for line in table.splitlines()[3:]]
+    assert [r[-1] for r in rows if r and r[0] == "zero2"] in (["ok"], ["(noise)"]), table
+    with open(tmp_path / "zero2-lisa" / "metrics.jsonl") as fh:
+        steps = [json.loads(line) for line in fh]
+    assert steps[1]["task_proximal"] > 0 and all(s["grad_norm"] > 0.1 for s in steps)  # clipped, with the term
+    with open(tmp_path / "zero2-lisa.log") as fh:
+        assert "dist.offload_optimizer=true" in fh.readline()  # the command the run was launched with
 
 
 def test_bf16_full_finetuning_matches_single_on_every_backend(tmp_path, capsys):

@@ -26,7 +26,7 @@ def test_proximal_gradient_is_rho_times_distance_to_the_anchor():
     weight without a gradient the term alone."""
     model = tiny_lora_model()
     backend = _backend(model)
-    anchor = backend.save_weights()
+    anchor = backend.save_master_weights()
     g = torch.Generator().manual_seed(1)
     deltas = [torch.randn(p.shape, generator=g) * 1e-2 for p in backend.params]
     with torch.no_grad():

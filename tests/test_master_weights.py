@@ -9,8 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sap_dist.backends import OptimizerSpec
 from sap_dist.backends.single import SingleBackend
-from sap_dist.sap import sft_step
-from test_sap_step import batch, tokens_of
+from sap_dist.config import SapConfig
+from sap_dist.probe import Probe
+from sap_dist.sap import new_sap_state, sap_step, sft_step
+from test_sap_step import batch, safety_batch, tokens_of
 
 LR = 1e-5
 """Adam moves every weight by about LR per step: far below half the bf16 spacing (2^-8 of the
@@ -56,3 +58,47 @@ def test_sap_perturb_and_restore_on_fp32_masters():
     assert big.numel() > 100 and (big != 0).float().mean() > 0.5
     backend.restore_weights(saved)
     assert all(torch.equal(p, s) for p, s in zip(backend.params, saved))
+
+
+
+SMALLEST = 2.0**-7
+"""Every weight of the warning test is at least this large, so bf16's spacing is at least
+2^-14 at each of them and a move below half of it, 2^-15, rounds back to the same value."""
+
+
+def bf16_half_spacing(weights) -> float:
+    """The smallest half-spacing of bf16 at any of `weights`: |w| = m*2^e with m in [0.5, 1)
+    has 8 significant bits, a spacing of 2^(e-8)."""
+    return min(2.0 ** (int(torch.frexp(w.detach().float().abs())[1].min()) - 9) for w in weights)
+
+
+def _sap_first_step(rho: float) -> tuple[dict, str | None, float]:
+    """One SAP step (paper variant) on the bf16 model's fp32 masters: its metrics, warning, and
+    bf16's smallest half-spacing at the masters it started from."""
+    model = tiny_full_bf16()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.where(p < 0, -1.0, 1.0) * p.abs().clamp_min(SMALLEST))
+    backend = SingleBackend(model, OptimizerSpec(lr=LR, max_grad_norm=0.0))
+    half_spacing = bf16_half_spacing(backend.params)
+    cfg = SapConfig(rho=rho, probe_layers=[1])
+    probe = Probe(model.model.layers, cfg.probe_layers, model.config.hidden_size, torch.device("cpu"))
+    state = new_sap_state(probe, cfg)
+    metrics = sap_step(backend, probe, batch(2), safety_batch(3), tokens_of(batch(2)), cfg, state)
+    return metrics, state.perturbation_warning, half_spacing
+
+
+def test_a_perturbation_the_bf16_forward_never_sees_is_warned():
+    """The forward computes with the bf16 cast of the fp32 masters, and the realised
+    perturbation is measured on that cast. The masters start on bf16 values; no element of a
+    perturbation moves by more than its whole norm, rho*||W||, so below bf16's smallest
+    half-spacing at the weights every element of the cast rounds back to its value: realised
+    size 0 (the masters themselves moved by all of it) and the step warns that the
+    perturbation was rounded away. At rho=0.05 the cast moves by the intended size give or
+    take its rounding, at most 2^-9*||W||: no warning."""
+    metrics, warning, half_spacing = _sap_first_step(5e-7)
+    assert metrics["perturb_norm_intended"] < 0.5 * half_spacing, (metrics, half_spacing)
+    assert metrics["perturb_norm_realized"] == 0.0, metrics
+    assert warning is not None and "realised perturbation 0 " in warning and "rounded away" in warning, warning
+    metrics, warning, _ = _sap_first_step(0.05)
+    assert warning is None and metrics["perturb_norm_realized"] > 0.5 * metrics["perturb_norm_intended"], metrics

@@ -439,16 +439,67 @@ def _resume_mid_cycle(tmp_path, interval: str, refreshed: str, backend: str = "s
     assert_same_as_reference(out, ref, backend)
 
 
-@pytest.mark.parametrize("backend", ["single", "fsdp2"])
+@pytest.mark.parametrize("backend", ["single", "ddp", "zero2", "zero3", "fsdp2"])
 def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
     """With `sap.safety_every=3` the safety pass runs at steps 1 and 4 and steps 2-3 and 5-6
     perturb along the stored direction; a run resumed from the step-2 checkpoint must perturb
-    step 3 along step 1's direction (restored per rank from rank_state/rank-*.pt: on fsdp2 each rank
-    holds its own shard of it), and ends equal to the uninterrupted run."""
+    step 3 along step 1's direction (restored per rank from rank_state/rank-*.pt: under ZeRO
+    and FSDP2 each rank holds its own shard of it, which the resume checks piece by piece
+    against the rank's weights), and ends equal to the uninterrupted run."""
     _resume_mid_cycle(tmp_path, "sap.safety_every=3", "safety_refreshed", backend)
     ranks = 1 if backend == "single" else 2
     saved = sorted(os.listdir(os.path.join(_ckpt(str(tmp_path / "ref"), 2), "rank_state")))
     assert saved == [f"rank-{r:05d}.pt" for r in range(ranks)]
+
+
+def _rewrite_rank_state(ckpt: str, edit) -> None:
+    """Apply `edit` to rank 0's per-rank state file of checkpoint `ckpt` and record the new
+    file's size and hash in meta.json, as a checkpoint written that way would have them."""
+    from sap_dist.checkpoint import _sha256
+
+    rel = os.path.join("rank_state", "rank-00000.pt")
+    state = torch.load(os.path.join(ckpt, rel), weights_only=True)
+    edit(state)
+    torch.save(state, os.path.join(ckpt, rel))
+    with open(os.path.join(ckpt, "meta.json")) as fh:
+        meta = json.load(fh)
+    meta["files"][rel] = {"size": os.path.getsize(os.path.join(ckpt, rel)), "sha256": _sha256(os.path.join(ckpt, rel))}
+    with open(os.path.join(ckpt, "meta.json"), "w") as fh:
+        json.dump(meta, fh)
+
+
+@pytest.mark.parametrize("method, field", [("sap.safety_every=3", "safety_direction"),
+                                           ("sap.method=lisa", "anchor")])
+def test_per_rank_state_cut_into_other_pieces_is_refused(method, field, tmp_path, capsys):
+    """The per-rank state (SAP's stored safety direction, Lisa's anchor) holds one piece per
+    local weight piece of its rank. A checkpoint whose pieces do not fit this rank's weights
+    (one piece too many, one piece short of an element) is refused with exit 2, naming the
+    field, before any step: applied as it is, the extra piece would be dropped without a
+    word, and the short one would fail in the middle of a step."""
+    overrides = [method, "sap.variant=paper", "train.max_steps=3"]
+    ref = str(tmp_path / "ref")
+    run = Run("single", ref, *overrides)
+    assert run.wait() == 0, run.tail()
+
+    def extra(st):
+        st[field].append(st[field][-1].clone())
+        st[f"{field}__on_cpu"].append(True)  # where the pieces live, one flag each
+
+    def short(st):
+        st[field][0] = st[field][0].reshape(-1)[:-1].clone()
+
+    edits = {"one piece too many": extra, "a piece one element short": short}
+    for what, edit in edits.items():
+        ckpt = str(tmp_path / what.replace(" ", "-"))
+        shutil.copytree(_ckpt(ref, 2), ckpt)
+        _rewrite_rank_state(ckpt, edit)
+        assert verify(ckpt) == []  # intact as a file: only its pieces are wrong
+        out = tmp_path / f"resumed-{what.replace(' ', '-')}"
+        rc = train_main(COMMON + ["dist.backend=single", f"train.max_steps={steps_for('single')}", *overrides,
+                                  f"train.output_dir={out}", f"checkpoint.resume_from={ckpt}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{field} " in err and "rank_state/rank-00000.pt" in err and "Traceback" not in err, (what, err)
+        assert not os.path.exists(out / "adapter_model.safetensors")
 
 
 def test_lisa_resumes_in_the_middle_of_a_cycle(tmp_path):

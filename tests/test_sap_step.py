@@ -26,12 +26,12 @@ LR = 1e-2
 EPS = 1e-4  # Adam's eps well above float noise, so m/sqrt(v) does not amplify rounding in tiny grads
 
 
-def tiny_lora_model(seed: int = 0) -> torch.nn.Module:
+def tiny_lora_model(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
                            init_lora_weights=False)  # random B: the adapters start non-zero
     return peft.get_peft_model(model, lora)
 
@@ -237,8 +237,9 @@ def test_relative_probe_has_stated_size():
 
 @pytest.mark.parametrize("probe_rows", [None, [0, 2]])
 def test_reference_variant_lag_and_probe_adam(probe_rows):
-    """u_harm and u_here are both the probe gradient over the probe rows alone (u_here from
-    the training backward, at the lagged probe), normalised by those rows' tokens."""
+    """u_harm and u_here are both the probe gradient over the probe rows alone, at the lagged
+    probe in use, normalised by those rows' tokens (u_here from the training backward when the
+    probe rows are the whole batch, from a pass of its own over a sub-batch)."""
     # the exact algorithm: a fresh safety direction on every step (the reference below recomputes it)
     cfg = SapConfig(variant="reference", safety_loss="difference", rho=0.05, probe_lr=0.05, probe_layers=LAYERS,
                     safety_every=1)
@@ -255,13 +256,10 @@ def test_reference_variant_lag_and_probe_adam(probe_rows):
     for tb, sb in data:
         dw = ref_direction_scale(ref, sb, "difference", cfg.rho)
         with torch.no_grad():
-            for bias, value in zip(biases, [torch.zeros(32, dtype=torch.float64)] * 2):
-                bias.copy_(value)
-        pb = pick(tb, torch.tensor(probe_rows)) if probe_rows else tb
-        u_harm = ref_probe_grads(ref, biases, pb, dw)
-        with torch.no_grad():
             for bias, value in zip(biases, v):
                 bias.copy_(value)
+        pb = pick(tb, torch.tensor(probe_rows)) if probe_rows else tb
+        u_harm = ref_probe_grads(ref, biases, pb, dw)  # at the lagged probe, like u_here
         used.append([x.clone() for x in v])
         gw = torch.autograd.grad(mean_nll(ref, tb), w)
         u_here = ref_probe_grads(ref, biases, pb)  # at the lagged probe, the probe rows only
@@ -288,6 +286,122 @@ def test_reference_variant_lag_and_probe_adam(probe_rows):
     for got, want in zip(trained(model), w):  # two Adam steps, each of slope at most lr / eps in g
         torch.testing.assert_close(got.detach().double(), want.detach(), rtol=4 * FP32_ULP, atol=2 * LR / EPS * grad_error)
 
+
+SAME_GRADIENT = 2 * ROUNDING_ULPS * FP32_ULP
+"""Largest |u_harm - u_here| over max |u_harm| when both are fp32 computations of one gradient
+(each within ROUNDING_ULPS ulps of its largest element). A perturbation of rho = 1e-12 moves the
+probe gradient by about 1e-12 of its size, far below this."""
+
+
+def test_reference_takes_both_probe_gradients_at_the_probe_in_use():
+    """`reference` with a perturbation of nil size and the probe rows the whole batch: u_harm and
+    u_here are the gradient at the same probe V_t, so they differ by rounding only, also from
+    step 2 on, where V_t != 0 (a u_harm taken at V = 0 would differ by
+    grad_V L(W,0) - grad_V L(W,V_t))."""
+    cfg = SapConfig(variant="reference", rho=1e-12, probe_lr=0.05, probe_layers=LAYERS, safety_every=1)
+    data = [(batch(i), safety_batch(10 + i)) for i in range(3)]
+    probes, _ = run_sap(tiny_lora_model(), cfg, data)
+    assert all(float(v.norm()) > 0 for v in probes[1] + probes[2])  # steps 2 and 3 probe at V_t != 0
+    for step, m in enumerate(run_sap.metrics):
+        assert m["probe_signal_rel"] <= SAME_GRADIENT, (step, m["probe_signal_rel"])
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("probe_rows", [None, [0, 2]], ids=["all_rows", "sub_batch"])
+def test_probe_gradients_see_the_same_dropout_masks(variant, probe_rows):
+    """With LoRA dropout and a perturbation of nil size, u_harm - u_here is rounding only: both
+    passes draw the same masks over the probe rows, whether they are the whole batch (`reference`:
+    u_here from the training backward) or a sub-batch (`reference`: a probe pass of its own; in
+    the full-batch training pass those rows would draw other masks)."""
+    cfg = SapConfig(variant=variant, rho=1e-12, probe_layers=LAYERS, safety_every=1)
+    model = tiny_lora_model(dropout=0.3)
+    assert model.training and not torch.equal(mean_nll(model, batch(1)), mean_nll(model, batch(1)))  # real dropout
+    data = [(batch(i), safety_batch(10 + i)) for i in range(3)]
+    run_sap(model, cfg, data, probe_rows)
+    for step, m in enumerate(run_sap.metrics):
+        assert m["probe_signal_rel"] <= SAME_GRADIENT, (step, m["probe_signal_rel"])
+
+
+def nan_gradient_in_forward_of(ids: torch.Tensor):
+    """A forward hook (with kwargs) that leaves the logits' values as they are but makes their
+    gradient NaN in the forward of the batch `ids`: 0 * sqrt(x - x) is 0, its derivative 0/0."""
+
+    def hook(module, args, kwargs, output):
+        if kwargs.get("input_ids") is ids:
+            output.logits = output.logits + 0 * torch.sqrt(output.logits - output.logits)
+        return output
+
+    return hook
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("safety_every", [1, 4])
+def test_a_non_finite_safety_gradient_makes_a_plain_step_and_is_retried(variant, safety_every, tmp_path, caplog):
+    """A safety batch whose loss is finite but whose gradient is NaN, on a step that computes a
+    new direction after valid ones: the weights are not perturbed (W + 0*NaN would be NaN), the
+    step equals a plain fine-tuning step from the same weights and optimizer state (probe off),
+    the probe optimizer is not stepped, a warning says so once, and the next step computes the
+    direction again (with safety_every=4 it would otherwise reuse the missing one)."""
+    cfg = SapConfig(variant=variant, rho=0.05, probe_layers=LAYERS, safety_every=safety_every)
+    bad = safety_every  # steps 0..bad-1 valid; `bad` recomputes the direction on a poisoned batch
+    data = [(batch(i), safety_batch(10 + i)) for i in range(bad + 3)]
+    model = tiny_lora_model()
+    spec = OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS)
+    backend = SingleBackend(model, spec)
+    probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
+    state = new_sap_state(probe, cfg)
+    model.register_forward_hook(nan_gradient_in_forward_of(data[bad][1]["input_ids"]), with_kwargs=True)
+    metrics = []
+    with caplog.at_level("WARNING", logger="sap_dist.sap"):
+        for step, (tb, sb) in enumerate(data):
+            if step == bad:
+                backend.save_checkpoint(str(tmp_path / "before"))
+                probe_before = state.next_probe
+            metrics.append(sap_step(backend, probe, tb, sb, tokens_of(tb), cfg, state))
+            assert all_finite(trained(model)) and all_finite(state.last_probe) and all_finite(state.next_probe), step
+            if variant == "reference":
+                moments = [t for s in state.probe_optimizer.state.values() for t in s.values()]
+                assert all_finite(moments), step
+                steps_taken = [int(s["step"]) for s in state.probe_optimizer.state.values()]
+                assert steps_taken == [step + (step < bad)] * len(LAYERS), step  # not stepped at `bad`
+            if step == bad:
+                after_bad = [p.detach().clone() for p in trained(model)]
+                assert all(torch.equal(a, b) for a, b in zip(state.next_probe, probe_before))  # kept for later steps
+
+    assert metrics[bad]["safety_degenerate"] == 1 and metrics[bad]["probe_norm"] == 0
+    assert metrics[bad]["perturb_norm_realized"] == 0 and "time_probe_harm" not in metrics[bad]
+    twin = SingleBackend(tiny_lora_model(), spec)
+    twin.load_checkpoint(str(tmp_path / "before"))
+    sft_step(twin, None, data[bad][0], tokens_of(data[bad][0]))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(after_bad, trained(twin.unwrapped_model())))
+
+    retry = metrics[bad + 1]
+    assert retry["safety_refreshed"] == 1 and retry["safety_degenerate"] == 0 and "safety_loss" in retry
+    assert retry["perturb_norm_realized"] > 0.5 * retry["perturb_norm_intended"] and retry["probe_norm"] > 0
+    assert metrics[bad + 2]["safety_refreshed"] == (safety_every == 1)  # then the schedule goes on
+    warned = [r.getMessage() for r in caplog.records if "safety gradient is not finite" in r.getMessage()]
+    assert len(warned) == 1 and f"SAP step {bad + 1}:" in warned[0] and "plain fine-tuning" in warned[0], warned
+    assert "the next step recomputes the safety direction" in warned[0]
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_a_degenerate_first_refresh_is_retried_before_its_probe_is_reused(variant):
+    """probe_every=3 with a NaN safety gradient at the first refresh: there is no probe to keep
+    in place, so step 2 refreshes (instead of two plain steps), and the schedule goes on."""
+    cfg = SapConfig(variant=variant, rho=0.05, probe_layers=LAYERS, probe_every=3, safety_every=1)
+    data = [(batch(i), safety_batch(10 + i)) for i in range(4)]
+    model = tiny_lora_model()
+    model.register_forward_hook(nan_gradient_in_forward_of(data[0][1]["input_ids"]), with_kwargs=True)
+    probes, state = run_sap(model, cfg, data)
+    metrics = run_sap.metrics
+    assert [m["probe_refreshed"] for m in metrics] == [1, 1, 0, 1]
+    assert metrics[0]["safety_degenerate"] == 1 and metrics[1]["safety_degenerate"] == 0
+    assert all(float(v.norm()) > 0 for v in probes[2])  # the reused probe is the retry's
+    assert all_finite(trained(model)) and all_finite(state.next_probe)
 
 
 def adam_spread(lr, deltas, roundings):

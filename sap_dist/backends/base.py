@@ -66,16 +66,19 @@ class Backend(Protocol):
 
     # --- perturbation ---------------------------------------------------------------------
     def save_weights(self) -> Any:
-        """An exact copy of the local shard of every trained weight as the forward pass
-        computes with it (at most one shard's worth of extra memory)."""
+        """An exact copy of the local shard of every trained weight that the perturbation
+        edits: the fp32 masters where the backend keeps them beside the parameters (`single`,
+        `ddp` and `fsdp2` cast them to bf16 for the forward), the compute partitions under
+        ZeRO (at most one shard's worth of extra memory)."""
 
     def add_scaled_grad_to_weights(self, scale: float) -> None:
         """W <- W + scale * grad, applied to the weights the next forward pass computes
         with, shard by shard, with no gather."""
 
     def weight_sq_distance(self, saved: Any) -> torch.Tensor:
-        """Squared global L2 distance between the current weights (as the forward uses them)
-        and `saved`: how far a perturbation really moved them (it may round away in bf16)."""
+        """Squared global L2 distance between the current weights and `saved`, both as the
+        forward computes with them (fp32 masters rounded to the bf16 they are cast to): how
+        far a perturbation really moved what the forward sees (it may round away in bf16)."""
 
     def restore_weights(self, saved: Any) -> None:
         """Copy `saved` back into the weights: bitwise the state before the perturbation."""
@@ -94,10 +97,26 @@ class Backend(Protocol):
         """Global dot product of two `save_direction` results (local pieces, all-reduced),
         equal on every rank."""
 
+    # --- Lisa's proximal term, on the weights the optimizer steps -------------------------
+    def save_master_weights(self) -> Any:
+        """An exact copy of the local shard of every trained weight as the optimizer holds it:
+        the fp32 master in bf16 full fine-tuning (on every backend: ZeRO's own master
+        partitions, the fp32 parameters elsewhere), else the weight itself."""
+
+    def master_sq_distance(self, saved: Any) -> torch.Tensor:
+        """Squared global L2 distance, in fp32, between the current master weights and
+        `saved` (from `save_master_weights`)."""
+
     def add_proximal_grad(self, saved: Any, rho: float) -> None:
-        """grad <- grad + rho * (W - saved), shard by shard with no gather, on the gradient
-        the next `optimizer_step` clips and applies (`saved` from `save_weights`): the
-        gradient of a proximal term (rho/2)*||W - saved||^2 added to the loss (Lisa)."""
+        """grad <- grad + rho * (W - saved), W the master weights and `saved` from
+        `save_master_weights`, computed in fp32 shard by shard with no gather, on the gradient
+        the next `optimizer_step` clips and applies (norms included): the gradient of a
+        proximal term (rho/2)*||W - saved||^2 added to the loss (Lisa)."""
+
+    # --- per-rank state in checkpoints ------------------------------------------------------
+    def local_shapes(self) -> list[torch.Size]:
+        """The shape of this rank's local piece of each trained weight, in the order
+        `save_weights`, `save_master_weights` and `save_direction` list their pieces."""
 
     # --- output ---------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

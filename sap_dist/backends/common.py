@@ -67,7 +67,11 @@ def unit_direction(grads: list[torch.Tensor | None], grad_sq_norm: torch.Tensor)
 
 @torch.no_grad()
 def add_direction(weights: list[torch.Tensor], direction: list[torch.Tensor | None], scale: float) -> None:
-    """weights[i] += scale * direction[i], piece by piece, in each weight's dtype."""
+    """weights[i] += scale * direction[i], piece by piece, in each weight's dtype. A direction
+    with another number of pieces than the weights is an error: pairing them up to the shorter
+    list would perturb some weights along another weight's direction, or not at all."""
+    if len(direction) != len(weights):
+        raise ValueError(f"the stored safety direction has {len(direction)} pieces, this rank's weights {len(weights)}")
     for w, d in zip(weights, direction):
         if d is not None and w.numel():
             w.add_(d.to(device=w.device, dtype=w.dtype).view_as(w), alpha=scale)
@@ -80,6 +84,7 @@ def local_dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device
         if x is not None and y is not None:
             total += (x.double() * y.to(x.device).double()).sum().to(device)
     return total
+
 
 @torch.no_grad()
 def add_proximal(params, saved: list[torch.Tensor], rho: float, local=lambda t: t) -> None:
@@ -122,9 +127,19 @@ class ComputeIn(torch.nn.Module):
             return self.module(*args, **kwargs)
 
 
-def with_compute_dtype(model: torch.nn.Module) -> torch.nn.Module:
-    """The model to call for forward passes: `model` itself, or `model` under autocast to the
-    trained weights' original low-precision dtype once they are fp32 masters."""
+def with_compute_dtype(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.dtype | None]:
+    """(the model to call for forward passes, the compute dtype): `model` itself and None, or,
+    once the trained weights are fp32 masters, `model` under autocast to their original
+    low-precision dtype and that dtype."""
     dtype = fp32_master_weights(model)
-    return model if dtype is None else ComputeIn(model, dtype)
+    return (model, None) if dtype is None else (ComputeIn(model, dtype), dtype)
+
+
+def as_computed(weight: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """`weight` as the forward computes with it, in fp32: an fp32 master rounded to the compute
+    dtype it is cast to (bf16 full fine-tuning), else the weight itself. FSDP2's policy casts
+    every weight so; under autocast the matmuls, which hold nearly all the weights, read that
+    cast, while the norms and the embedding lookup read the master: for those it may report
+    less movement than the forward sees, which errs towards warning of a rounded-away step."""
+    return (weight if compute_dtype is None else weight.to(compute_dtype)).float()
 

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, local_dot, unit_direction, with_compute_dtype
+from sap_dist.backends.common import (OptimizerSpec, add_direction, add_proximal, as_computed, build_optimizer,
+                                     local_dot, unit_direction, with_compute_dtype)
 
 
 class ProcessGroupOps:
@@ -189,8 +190,9 @@ class DDPBackend(ProcessGroupOps):
         no_sync = ({"forward_sync_buffers": False}
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})  # torch before the rename
+        forward, self.compute_dtype = with_compute_dtype(model)  # bf16 full fine-tuning: fp32 masters
         self.model = DistributedDataParallel(
-            with_compute_dtype(model), device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+            forward, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer, self.scheduler = build_optimizer(self.params, optim)
@@ -231,7 +233,10 @@ class DDPBackend(ProcessGroupOps):
                 p.add_(p.grad.to(p.dtype), alpha=scale)
 
     def weight_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
-        return local_sq_sum((p.float() - s.float() for p, s in zip(self.params, saved)), self.device).cpu()
+        # as the forward computes with them (the bf16 cast of an fp32 master)
+        dtype = self.compute_dtype
+        moved = (as_computed(p.detach(), dtype) - as_computed(s, dtype) for p, s in zip(self.params, saved))
+        return local_sq_sum(moved, self.device).cpu()
 
     @torch.no_grad()
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
@@ -248,10 +253,20 @@ class DDPBackend(ProcessGroupOps):
     def direction_dot(self, a, b) -> float:
         return float(local_dot(a, b, self.device))  # replicas: local is global
 
+    # Lisa's proximal term: the parameters are the masters the optimizer steps
+    def save_master_weights(self) -> list[torch.Tensor]:
+        return self.save_weights()
+
+    def master_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
+        return local_sq_sum((p.detach().float() - s.float() for p, s in zip(self.params, saved)), self.device).cpu()
+
     def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
         # the gradient is already the all-reduced mean and the replicas are equal, so the
         # local term is the same on every rank
         add_proximal(self.params, saved, rho)
+
+    def local_shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.params]
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:

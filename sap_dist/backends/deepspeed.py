@@ -16,6 +16,12 @@ regression-tested in tests/test_backends.py):
   threshold 0 (enforced). ZeRO-2 replicates the compute weights: each rank edits the fragment
   of its own partition and the partitions are all-gathered back into the replicas, exactly as
   DeepSpeed's own step does.
+- Lisa's proximal term works on the fp32 masters AdamW steps (the compute copies would make
+  W - anchor move in bf16 steps): ZeRO-2 `param._hp_mapping.hp_fragment`, ZeRO-3 the fp32
+  partition. With the optimizer offloaded both stages clip with per-parameter gradient norms
+  recorded while reducing (`norm_for_param_grads`), before the term is added: ZeRO-3's
+  `set_local_grad_for_param` records the new norm, ZeRO-2 has no such call and the backend
+  records it the way DeepSpeed does.
 - ZeRO-2 with `contiguous_gradients: true` crashes on a backward that gives no gradient to an
   engine-managed parameter: disabled (enforced). DeepSpeed turns it back on when the optimizer
   is offloaded, so there `backward` must reach a trained weight; SAP's passes do (its
@@ -52,11 +58,18 @@ def build_ds_config(
     world_size: int,
     trained_dtype: torch.dtype,
     env: dict | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """The DeepSpeed config for this run: the user's file (`dist.deepspeed_config`, else
     accelerate's `ACCELERATE_DEEPSPEED_CONFIG_FILE`) or nothing, then this run's batch,
     clipping and precision, then SAP's required ZeRO settings. The optimizer and scheduler
-    come from `OptimizerSpec` (the backend owns them), so sections for them are dropped."""
+    come from `OptimizerSpec` (the backend owns them), so sections for them are dropped.
+
+    A file that contradicts this run is refused (ValueError, one line naming the key and both
+    values) rather than overridden: a ZeRO stage other than the one the backend name or
+    `dist.zero_stage` asks for, and, given the run's global `batch_size` (train.batch_size,
+    with `optim` holding its clipping: the trainer's checks pass both), a numeric clipping or
+    batch key other than the run's. "auto" or an absent key takes the run's value."""
     env = os.environ if env is None else env
     path = dist_cfg.deepspeed_config or env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     cfg: dict[str, Any] = {}
@@ -68,9 +81,13 @@ def build_ds_config(
     file_stage = zero.get("stage")
     file_stage = None if file_stage in (None, "auto") else int(file_stage)
     env_stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    resolved = stage or dist_cfg.zero_stage or file_stage or (int(env_stage) if env_stage else None) or 3
-    if file_stage is not None and file_stage != resolved:
-        warnings.warn(f"DeepSpeed config {path} says ZeRO stage {file_stage}; running stage {resolved} as asked")
+    asked = stage or dist_cfg.zero_stage
+    if file_stage is not None and asked is not None and file_stage != asked:
+        who = f"dist.backend={dist_cfg.backend}" if stage else f"dist.zero_stage={dist_cfg.zero_stage}"
+        raise ValueError(f"zero_optimization.stage is {file_stage} in the file, but {who} runs ZeRO stage {asked}: "
+                         "make them agree, or set dist.backend=deepspeed (and no dist.zero_stage) to let the file "
+                         "choose")
+    resolved = asked or file_stage or (int(env_stage) if env_stage else None) or 3
     if resolved not in (2, 3):
         raise ValueError(f"ZeRO stage {resolved} is not supported for SAP; use 2 or 3")
     zero["stage"] = resolved
@@ -109,6 +126,8 @@ def build_ds_config(
         if key in cfg:
             warnings.warn(f"DeepSpeed config section {key!r} ignored: sap-dist builds AdamW and its schedule from train.*")
             cfg.pop(key)
+    if batch_size is not None:
+        _refuse_other_batch_or_clipping(cfg, float(optim.max_grad_norm), batch_size, world_size)
     gas = cfg.get("gradient_accumulation_steps", "auto")
     if gas not in ("auto", 1):
         warnings.warn("gradient_accumulation_steps ignored: the trainer feeds each rank its slice of the global batch")
@@ -133,6 +152,25 @@ def build_ds_config(
     cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the offloaded partitions is fine
     cfg.setdefault("steps_per_print", 1 << 30)
     return cfg
+
+
+def _refuse_other_batch_or_clipping(cfg: dict, max_grad_norm: float, batch_size: int, world_size: int) -> None:
+    """ValueError for the first numeric clipping or batch key of a user's DeepSpeed config that
+    differs from this run's own setting (which is what the run uses: the trainer feeds the
+    batches and the backend overwrites these keys)."""
+    ours = {
+        "gradient_clipping": (max_grad_norm, f"train.max_grad_norm={max_grad_norm:g}"),
+        "train_batch_size": (batch_size, f"train.batch_size={batch_size}"),
+        "train_micro_batch_size_per_gpu": (batch_size // world_size,
+                                           f"train.batch_size={batch_size} is {batch_size // world_size} per rank "
+                                           f"at world size {world_size}"),
+        "gradient_accumulation_steps": (1, "sap-dist takes one optimizer step per global batch (1)"),
+    }
+    for key, (value, run_side) in ours.items():
+        theirs = cfg.get(key, "auto")
+        number = isinstance(theirs, (int, float)) and not isinstance(theirs, bool)
+        if theirs != "auto" and not (number and float(theirs) == float(value)):
+            raise ValueError(f"{key} is {theirs!r} in the file, but {run_side}: make them agree or set it to \"auto\"")
 
 
 def _no_prologue() -> None:
@@ -264,10 +302,24 @@ class DeepSpeedBackend(ProcessGroupOps):
         rank = dist.get_rank(group=p.ds_process_group)
         return max(0, min(part, p.ds_numel - rank * part))
 
+    def _z2_params(self) -> list[torch.nn.Parameter]:
+        """ZeRO-2: the trained weights with a fragment in this rank's partition."""
+        return [p for p in self.params if getattr(p, "_hp_mapping", None) is not None]
+
     def _local_weights(self) -> list[torch.Tensor]:
         if self.stage == 3:
             return [p.ds_tensor.narrow(0, 0, self._z3_valid(p)) for p in self.params]
-        return [p._hp_mapping.lp_fragment for p in self.params if getattr(p, "_hp_mapping", None) is not None]
+        return [p._hp_mapping.lp_fragment for p in self._z2_params()]
+
+    def _local_masters(self) -> list[torch.Tensor]:
+        """The fp32 master of each local weight piece, aligned with `_local_weights`: what
+        AdamW steps and the compute pieces are copied from (rounded to bf16 in bf16 runs), in
+        CPU memory when the optimizer is offloaded."""
+        if self.stage == 3:
+            # the partition where it lives (the public get_local_fp32_param copies it to the GPU)
+            part = self.optimizer._get_fp32_opt_state_partition
+            return [part(p, release_swap_buffers=False)[0].narrow(0, 0, self._z3_valid(p)) for p in self.params]
+        return [p._hp_mapping.hp_fragment for p in self._z2_params()]
 
     def _local_grads(self) -> list[torch.Tensor | None]:
         """The reduced (mean) gradient of each local weight piece, aligned with
@@ -279,10 +331,8 @@ class DeepSpeedBackend(ProcessGroupOps):
                 g = opt.get_local_fp32_grad_for_param(p)
                 out.append(None if g is None else g.narrow(0, 0, self._z3_valid(p)))
             return out
-        for p in self.params:
-            m = getattr(p, "_hp_mapping", None)
-            if m is None:
-                continue
+        for p in self._z2_params():
+            m = p._hp_mapping
             try:
                 g = m.get_lp_grad_fragment(p._index_in_param_group)
             except ValueError:  # no backward since the last step / zero_grad
@@ -372,25 +422,44 @@ class DeepSpeedBackend(ProcessGroupOps):
     def direction_dot(self, a, b) -> float:
         return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
+    # --- Lisa's proximal term: on the fp32 masters AdamW steps ---------------------------
+    def save_master_weights(self) -> list[torch.Tensor]:
+        # the local master pieces, where they live (one shard of fp32, in CPU memory when the
+        # optimizer is offloaded); bf16 copies would make rho*(W - anchor) move in bf16 steps
+        return [w.detach().clone() for w in self._local_masters()]
+
+    def master_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
+        return self.global_sq_sum((w.float() - s.to(w.device).float()).to(self.device)
+                                  for w, s in zip(self._local_masters(), saved))
+
     @torch.no_grad()
     def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
-        # saved holds the local weight pieces (`_local_weights`), aligned with `_local_grads`.
-        weights = self._local_weights()
+        # saved holds the local master pieces (`save_master_weights`), aligned with `_local_grads`
+        masters = self._local_masters()
+        opt = self.optimizer
         if self.stage == 3:
             # through set_local_grad_for_param: with the optimizer offloaded, ZeRO-3 clips with
             # per-parameter norms recorded at reduction time, which this call updates
-            opt = self.optimizer
-            for p, w, s in zip(self.params, weights, saved):
+            for p, w, s in zip(self.params, masters, saved):
                 g = opt.get_local_fp32_grad_for_param(p)
-                g = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=w.device) if g is None else g.clone()
+                g = torch.zeros(p.ds_tensor.numel(), device=self.device) if g is None else g.clone()
                 valid = w.numel()
                 g[:valid] += (w.float() - s.to(w.device).float()).to(g.device) * rho
                 opt.set_local_grad_for_param(g, p)
-        else:
-            for w, s, g in zip(weights, saved, self._local_grads()):
-                if g is None:
-                    raise RuntimeError("ZeRO-2 holds no gradient to add the proximal term to; call backward first")
-                g.add_(((w.float() - s.to(w.device).float()) * rho).to(device=g.device, dtype=g.dtype).view_as(g))
+            return
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        for p, w, s, g in zip(self._z2_params(), masters, saved, self._local_grads()):
+            if g is None:
+                raise RuntimeError("ZeRO-2 holds no gradient to add the proximal term to; call backward first")
+            g.add_(((w.float() - s.to(w.device).float()) * rho).to(device=g.device, dtype=g.dtype).view_as(g))
+            if opt.cpu_offload:
+                # with the optimizer offloaded, ZeRO-2 clips with per-parameter norms recorded
+                # when the gradient was reduced (before this term): record the new one, as it does
+                opt.norm_for_param_grads[opt.get_param_id(p)] = g.to(get_norm_dtype()).norm(2)
+
+    def local_shapes(self) -> list[torch.Size]:
+        return [w.shape for w in self._local_weights()]
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, fp32_master_weights, local_dot, unit_direction
+from sap_dist.backends.common import (OptimizerSpec, add_direction, add_proximal, as_computed, build_optimizer,
+                                     fp32_master_weights, local_dot, unit_direction)
 from sap_dist.backends.ddp import ProcessGroupOps, save_gathered
 
 
@@ -61,6 +62,7 @@ class FSDP2Backend(ProcessGroupOps):
         # bf16 full fine-tuning: fp32 sharded masters, all-gathered in bf16 for compute and
         # gradients reduced in fp32
         compute = fp32_master_weights(model)
+        self.compute_dtype = compute
         extra = {}
         if compute is not None:
             from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -164,7 +166,10 @@ class FSDP2Backend(ProcessGroupOps):
                 w.add_(_local(p.grad).to(w.dtype), alpha=scale)
 
     def weight_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
-        return self.global_sq_sum(_local(p).float() - s.float() for p, s in zip(self.params, saved))
+        # as the forward computes with them: the policy's all-gather casts the fp32 shards to bf16
+        dtype = self.compute_dtype
+        return self.global_sq_sum(as_computed(_local(p).detach(), dtype) - as_computed(s, dtype)
+                                  for p, s in zip(self.params, saved))
 
     @torch.no_grad()
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
@@ -183,9 +188,19 @@ class FSDP2Backend(ProcessGroupOps):
     def direction_dot(self, a, b) -> float:
         return float(self.all_reduce_sum_(local_dot(a, b, self.device)))
 
+    # Lisa's proximal term: the sharded parameters are the masters the optimizer steps
+    def save_master_weights(self) -> list[torch.Tensor]:
+        return self.save_weights()
+
+    def master_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
+        return self.global_sq_sum(_local(p).detach().float() - s.float() for p, s in zip(self.params, saved))
+
     def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
         # p and p.grad are DTensors sharded alike: each rank edits its own shard
         add_proximal(self.params, saved, rho, local=_local)
+
+    def local_shapes(self) -> list[torch.Size]:
+        return [_local(p).shape for p in self.params]
 
     # --- output -------------------------------------------------------------------------
     def unwrapped_model(self) -> torch.nn.Module:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sap_dist.backends.common import OptimizerSpec, add_direction, add_proximal, build_optimizer, local_dot, unit_direction, with_compute_dtype
+from sap_dist.backends.common import (OptimizerSpec, add_direction, add_proximal, as_computed, build_optimizer,
+                                     local_dot, unit_direction, with_compute_dtype)
 
 
 class SingleBackend:
@@ -15,7 +16,8 @@ class SingleBackend:
         self.world_size = 1
         self.device = device or torch.device("cpu")
         self._module = model.to(self.device)
-        self.model = with_compute_dtype(self._module)  # bf16 full fine-tuning: fp32 masters
+        # bf16 full fine-tuning: fp32 masters, the forward under autocast to bf16
+        self.model, self.compute_dtype = with_compute_dtype(self._module)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trained parameters (none has requires_grad=True)")
@@ -66,7 +68,10 @@ class SingleBackend:
                 p.add_(p.grad.to(p.dtype), alpha=scale)
 
     def weight_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
-        return _sq_norm([p.detach().float() - s.float() for p, s in zip(self.params, saved)])
+        # as the forward computes with them: a move of an fp32 master that rounds away in the
+        # bf16 cast never reaches the forward
+        dtype = self.compute_dtype
+        return _sq_norm([as_computed(p.detach(), dtype) - as_computed(s, dtype) for p, s in zip(self.params, saved)])
 
     @torch.no_grad()
     def restore_weights(self, saved: list[torch.Tensor]) -> None:
@@ -83,9 +88,19 @@ class SingleBackend:
     def direction_dot(self, a, b) -> float:
         return float(local_dot(a, b, self.device))
 
+    # Lisa's proximal term: the parameters are the masters the optimizer steps
+    def save_master_weights(self) -> list[torch.Tensor]:
+        return self.save_weights()
+
+    def master_sq_distance(self, saved: list[torch.Tensor]) -> torch.Tensor:
+        return _sq_norm([p.detach().float() - s.float() for p, s in zip(self.params, saved)])
+
     @torch.no_grad()
     def add_proximal_grad(self, saved: list[torch.Tensor], rho: float) -> None:
         add_proximal(self.params, saved, rho)
+
+    def local_shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.params]
 
     # output
     def unwrapped_model(self) -> torch.nn.Module:
