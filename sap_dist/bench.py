@@ -117,12 +117,13 @@ def bench_setup(cfg: Config):
     probe layers), built as SAP's trainer builds them (also used by scripts/probe_rows_bench.py)."""
     from sap_dist.backends import OptimizerSpec, prepare_loading
     from sap_dist.models import load_model, load_tokenizer
+    from sap_dist.batching import effective_batches
     from sap_dist.train import _setup_data, _setup_probe
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     sap_cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
-    task, _, safety, _ = _setup_data(sap_cfg, tokenizer, 0, 1)
+    task, _, safety, _ = _setup_data(sap_cfg, tokenizer, effective_batches(sap_cfg, 1))
     loading = prepare_loading(cfg.dist.backend, cfg.dist)
     model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
     backend = loading.wrap(model, OptimizerSpec(lr=cfg.train.learning_rate, max_grad_norm=cfg.train.max_grad_norm))
@@ -135,8 +136,9 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, 
     from sap_dist.models import decoder_layers
     from sap_dist.probe import check_probe_layers
     from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
+    from sap_dist.batching import safety_key, safety_pair_count
     from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
-                                _safety_batch_size, _setup_probe)
+                                _setup_probe)
 
     tokenizer, task, safety, model, backend, default_probe, layers = bench_setup(cfg)
     methods = methods_for(cfg, candidates)
@@ -153,10 +155,12 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, 
     states = {name: new_sap_state(probes[name], m) for name, m in methods.items()}
     cycle = block_steps(methods)
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
-    safety_batches = {size: Batches(safety, size, cfg.train.seed + 1, backend.rank, backend.world_size)
+    safety_batches = {size: Batches(safety, safety_pair_count(size, backend.world_size), cfg.train.seed + 1, backend.rank,
+                                    backend.world_size)
                       for size in {m.safety_batch_size for m in methods.values()}}
     lisa_cfg = replace(cfg, sap=replace(cfg.sap, method="lisa"))
-    align_batches = Batches(safety, _safety_batch_size(lisa_cfg)[1], cfg.train.seed + 1, backend.rank, backend.world_size)
+    align_pairs = safety_pair_count(safety_key(lisa_cfg)[1], backend.world_size)
+    align_batches = Batches(safety, align_pairs, cfg.train.seed + 1, backend.rank, backend.world_size)
     last_align_time = [0.0]  # Lisa's last measured alignment phase (its first step always has one)
     pad = tokenizer.pad_token_id
     dev = backend.device
@@ -315,18 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"dist.backend={args.backend}")
 
     def configs(cfg: Config) -> dict[str, SapConfig]:
-        from sap_dist.train import probe_row_count
-
         names = [name for name, _ in args.candidate]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ConfigError(f"--candidate {repeated[0]}: given more than once")
         found = {name: candidate_config(cfg, name, settings) for name, settings in args.candidate}
-        for name, m in found.items():  # before any method is measured, not when the candidate's turn comes
-            try:
-                probe_row_count(cfg.train.batch_size, m.probe_batch_fraction, 1)
-            except ConfigError as exc:
-                raise ConfigError(f"--candidate {name}: {exc}") from None
         methods_for(cfg, found)  # refuses a name the bench already uses
         return found
 

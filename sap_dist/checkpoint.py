@@ -41,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -315,19 +316,61 @@ RUN_LOCK = ".lock"
 """File in train.output_dir held for the life of a run (see `RunLock`)."""
 
 
+SLURM_GONE_STATES = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                     "PENDING", "PREEMPTED", "REQUEUE_HOLD", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"}
+"""Job states (squeue %T) in which none of the job's processes run: finished, or waiting to
+start (a requeued job included). Any other state counts as running, new ones too."""
+
+
+def slurm_running(job: str, step: str | None = None, env: dict | None = None) -> bool | None:
+    """Whether Slurm runs job `job` (or, with `step`, its step `job.step`): False when it is
+    finished, pending or unknown to Slurm (purged after MinJobAge), None when there is no Slurm
+    to ask or it does not answer (then nothing can be concluded)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    cmd = [squeue, "-h", "-s", "-j", job, "-o", "%i"] if step else [squeue, "-h", "-j", job, "-o", "%T"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                env=dict(os.environ, **(env or {})))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        # the one error that means "no such job"; others (no controller, no config) prove nothing
+        return False if "invalid job id" in result.stderr.lower() else None
+    if step:
+        return f"{job}.{step}" in result.stdout.split()
+    states = [s.split()[0] for s in result.stdout.splitlines() if s.strip()]
+    return any(s.rstrip("+") not in SLURM_GONE_STATES for s in states)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 class RunLock:
     """Exclusive hold on a run directory for the life of a run, so that two live runs never
     write (and rotate) each other's checkpoints. The lock file is created with O_EXCL (atomic on
-    local and NFS filesystems) and names its holder: host, pid, Slurm job. A lock whose holder is
-    gone is taken over with a message: same host and the pid is dead, or the same Slurm job id
-    (a requeued job restarts on possibly other nodes; Slurm never runs a job twice at once).
-    A live holder makes the run refuse with one line naming it. Held by rank 0 only."""
+    local and NFS filesystems) and names its holder: host, pid, Slurm job, restart and step.
+    A lock whose holder is provably gone is taken over with a message; anything else makes the
+    run refuse with one line naming the holder. Gone means: on this host, its pid is dead; in
+    Slurm (asked with squeue when it is installed), its job is finished, pending or unknown;
+    within this very Slurm job, it was an earlier start of it (a requeued job restarts on
+    possibly other nodes) or its job step has ended. Two live runs in one allocation are thus
+    kept apart by their steps and pids. Held by rank 0 only."""
 
     def __init__(self, out: str, env: dict | None = None):
         self.path = os.path.join(out, RUN_LOCK)
-        env = os.environ if env is None else env
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": env.get("SLURM_JOB_ID"),
-                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.env = dict(os.environ if env is None else env)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": self.env.get("SLURM_JOB_ID"),
+                   "slurm_restart": self.env.get("SLURM_RESTART_COUNT", "0"),
+                   "slurm_step": self.env.get("SLURM_STEP_ID"), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.held = False
 
     def _holder(self) -> dict | None:
@@ -339,20 +382,29 @@ class RunLock:
         except (OSError, ValueError):
             return {}  # being written, or garbage: not provably stale
 
-    def _stale(self, holder: dict) -> bool:
-        if holder.get("slurm_job") and holder.get("slurm_job") == self.me["slurm_job"]:
-            return True
-        if holder.get("host") != self.me["host"] or not isinstance(holder.get("pid"), int):
-            return False
-        if holder["pid"] == self.me["pid"]:
-            return True  # this process, left over by an earlier run in it that died
-        try:
-            os.kill(holder["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+    def _gone(self, holder: dict) -> str | None:
+        """Why the holder is provably gone, or None while it may still run."""
+        pid, host, job = holder.get("pid"), holder.get("host"), holder.get("slurm_job")
+        if host == self.me["host"] and isinstance(pid, int):
+            if pid == self.me["pid"]:
+                return "it is this process, left over by an earlier run in it"
+            if not _pid_alive(pid):
+                return "that process is gone"
+        if not job:
+            return None  # another host and no Slurm job to ask about: cannot tell
+        if job == self.me["slurm_job"]:
+            # Slurm never runs two starts of one job at once: an earlier start is over
+            if str(holder.get("slurm_restart", "0")) != str(self.me["slurm_restart"]):
+                return f"it was an earlier start of this Slurm job {job}"
+            step = holder.get("slurm_step")
+            if step is None or step == self.me["slurm_step"]:
+                return None  # this job and step still run (this process is in them)
+            if slurm_running(job, step, self.env) is False:
+                return f"Slurm job step {job}.{step} has ended"
+            return None
+        if slurm_running(job, env=self.env) is False:
+            return f"Slurm job {job} is no longer running"
+        return None
 
     def acquire(self) -> "RunLock":
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -363,14 +415,15 @@ class RunLock:
                 holder = self._holder()
                 if holder is None:
                     continue  # released meanwhile
-                if not self._stale(holder):
+                why = self._gone(holder)
+                if why is None:
                     who = (f"pid {holder.get('pid')} on {holder.get('host')}"
                            + (f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else "")
                            + (f", since {holder['started']}" if holder.get("started") else "")) if holder else "another run"
                     raise ConfigError(f"{os.path.dirname(self.path)} is in use by a live run ({who}); wait for it, stop it, "
                                       f"or choose another train.output_dir (remove {self.path} if that run is gone)")
                 print(f"sap-dist: taking over the stale lock {self.path} of pid {holder.get('pid')} on "
-                      f"{holder.get('host')} (that run is gone)", file=sys.stderr, flush=True)
+                      f"{holder.get('host')}: {why}", file=sys.stderr, flush=True)
                 try:
                     os.remove(self.path)
                 except FileNotFoundError:
@@ -462,8 +515,11 @@ def set_rng_state(state: dict) -> None:
 
 def _fields(state, per_rank: bool) -> list[dataclasses.Field]:
     """The state's fields held by every rank alike (saved once, by rank 0), or those marked
-    `metadata={"per_rank": True}` (each rank's own shards, saved by every rank)."""
-    return [f for f in dataclasses.fields(state) if f.metadata.get("per_rank", False) == per_rank]
+    `metadata={"per_rank": True}` (each rank's own shards, saved by every rank: one piece per
+    local weight piece, which `check_pieces` holds a loaded one to); never those
+    marked `metadata={"checkpoint": False}` (diagnostics a resumed run does not need)."""
+    return [f for f in dataclasses.fields(state)
+            if f.metadata.get("per_rank", False) == per_rank and f.metadata.get("checkpoint", True)]
 
 
 def sap_state_dict(state, per_rank: bool = False) -> dict:
@@ -510,9 +566,32 @@ def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = Fa
             setattr(state, name, _to_home(value, saved.get(name + _ON_CPU, [False])[0], device))
         elif isinstance(value, list):
             on_cpu = saved.get(name + _ON_CPU) or [False] * len(value)
+            if len(on_cpu) != len(value):  # zip would drop the pieces beyond the shorter list
+                raise CheckpointError(f"the checkpoint's {name} has {len(value)} pieces and records where "
+                                      f"{len(on_cpu)} of them live")
             setattr(state, name, [_to_home(v, c, device) for v, c in zip(value, on_cpu)])
         else:
             setattr(state, name, value)
+
+
+def check_pieces(state, shapes: list[torch.Size], where: str) -> None:
+    """Every per-rank field of a loaded method state holds one piece per local weight piece of
+    this rank (`Backend.local_shapes`), each of that piece's shape (None: a piece without
+    one). A checkpoint cut into other pieces (another partitioning, a rank file swapped) is
+    refused here, naming the field: applied piece by piece it would be paired with the wrong
+    weights, and extra pieces would be dropped without a word."""
+    want = [tuple(s) for s in shapes]
+    for f in _fields(state, per_rank=True):
+        pieces = getattr(state, f.name)
+        if pieces is None:
+            continue
+        if len(pieces) != len(want):
+            raise CheckpointError(f"{where}: {f.name} has {len(pieces)} pieces, this rank holds {len(want)} weight "
+                                  "pieces (written with another partitioning of the weights)")
+        for i, (piece, shape) in enumerate(zip(pieces, want)):
+            if piece is not None and tuple(piece.shape) != shape:
+                raise CheckpointError(f"{where}: {f.name} piece {i} has shape {tuple(piece.shape)}, this rank's "
+                                      f"weight piece {shape} (written with another partitioning of the weights)")
 
 
 # ------------------------------------------------------------------------------------------
@@ -656,9 +735,10 @@ class Checkpointer:
                 trainer = torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=True)
                 load_sap_state(sap_state, trainer["sap_state"], self.backend.device)
                 if _fields(sap_state, per_rank=True):
-                    mine = torch.load(os.path.join(path, RANK_STATE_DIR, f"rank-{self.rank:05d}.pt"),
-                                      map_location="cpu", weights_only=True)
+                    rank_file = os.path.join(RANK_STATE_DIR, f"rank-{self.rank:05d}.pt")
+                    mine = torch.load(os.path.join(path, rank_file), map_location="cpu", weights_only=True)
                     load_sap_state(sap_state, mine, self.backend.device, per_rank=True)
+                    check_pieces(sap_state, self.backend.local_shapes(), f"checkpoint {path}: {rank_file}")
                 set_rng_state(torch.load(os.path.join(path, RNG_DIR, f"rank-{self.rank:05d}.pt"), weights_only=True))
             except (CheckpointError, KeyboardInterrupt, SystemExit):
                 raise

@@ -14,8 +14,9 @@ commands:
   bench               measure SAP's step time and memory against plain fine-tuning
   plan                per-GPU memory of a run from the model's config, and a config that fits
   config              every config key with its default and meaning; --config FILE [overrides]: the resolved config
-  fetch-model         download a run's model once into the shared cache (then ranks run offline)
+  fetch-model         download a run's model and hub data sets once into the shared cache (then ranks run offline)
   eval                generate answers and judge them: harmful score, over-refusal, task accuracy
+  judge               judge saved answers again (a .jsonl of prompt/answer lines, or an eval.json)
   align               make a model refuse harmful requests (LoRA, merged into a model directory)
   experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
 
@@ -66,6 +67,10 @@ def _run(argv: list[str]) -> int:
         import importlib
 
         return importlib.import_module(f"sap_dist.{command}").main(rest)
+    if command == "judge":
+        from sap_dist.rejudge import main as judge_main
+
+        return judge_main(rest)
     if command == "plan":
         from sap_dist.plan import main as plan_main
 
@@ -90,7 +95,8 @@ def _run(argv: list[str]) -> int:
 
 def config_main(argv: list[str]) -> int:
     """`sap-dist config`: every key with its default and meaning; with --config and/or overrides,
-    a dry run that prints the fully resolved config (failing on the errors a run would)."""
+    a dry run that prints the fully resolved config (failing on the errors a run would); with
+    --world-size N also every check the trainer makes at N ranks (sap_dist/preflight.py)."""
     from sap_dist.config import ConfigError, describe, load_config, parse_overrides, to_dict
 
     p = argparse.ArgumentParser(
@@ -98,20 +104,31 @@ def config_main(argv: list[str]) -> int:
         description="Without arguments: every config key with its type, default and meaning. With --config "
                     "and/or overrides: print the fully resolved config as YAML (a dry run: it fails on the same "
                     "errors a run would), loadable again with --config.",
-        epilog="Example: sap-dist config --config tiny train.max_steps=10 --sap.rho 0.1")
+        epilog="Examples: sap-dist config --config tiny train.max_steps=10 --sap.rho 0.1; "
+               "sap-dist config --config configs/sap_70b.yaml --world-size 32")
     p.add_argument("--config", help="YAML config file or preset name (quick, tiny)")
+    p.add_argument("--world-size", type=int,
+                   help="also apply every check the trainer makes at this many ranks (nodes x GPUs per node): "
+                        "batch sizes, probe rows, safety pairs, backend and its options; no GPU needed")
     args, rest = p.parse_known_args(argv)
-    if args.config is None and not rest:
+    if args.config is None and not rest and args.world_size is None:
         print(describe())
         return 0
     import yaml
 
+    from sap_dist import preflight
+
     try:
         cfg = load_config(args.config, parse_overrides(rest))
+        checked = preflight.check(cfg, args.world_size) if args.world_size is not None else None
     except ConfigError as exc:
         print(f"sap-dist config: error: {exc}", file=sys.stderr)
         return 2
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if checked:
+        print("\n".join(preflight.comment_lines(checked)))
+        for warning in checked.warnings:
+            print(f"sap-dist config: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -38,6 +38,9 @@ SAP's probe passes take `torch.autograd.grad` through the model, see `sap_dist/m
 then ZeRO-3 optimizer offload (full fine-tuning only: LoRA's optimizer state is tiny), then
 optimizer and parameter offload (FSDP2 in sap-dist has no offload). With the batch fixed (a
 run config, `--batch-size`), LoRA tries a smaller batch per GPU before any offload, and says so. Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
+The recommended overrides go through the trainer's own checks at N ranks (`sap_dist/preflight.py`;
+a batch that does not divide by N is refused, sap_dist/batching.py), and the plan states the probe
+rows and safety pairs the trainer rounds them to.
 Exit status: 0 when a configuration fits, 1 when none does (the smallest GPU count that would
 fit is printed), 2 for bad input.
 """
@@ -53,6 +56,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from sap_dist.batching import EffectiveBatches, check_task_batch
 
 GiB = 1024**3
 ARCH_DIR = os.path.join(os.path.dirname(__file__), "archs")
@@ -347,6 +352,9 @@ class Plan:
     host_memory_gib: Optional[float] = None
     batch_size: Optional[int] = None
     """The global batch the plan was asked to keep (None: searched)."""
+    batches: Optional[EffectiveBatches] = None
+    """The batches the trainer runs the recommended setting with (probe rows and safety pairs
+    rounded to the GPU count, sap_dist/batching.py); None when nothing fits."""
 
     @property
     def usable_gib(self) -> float:
@@ -433,7 +441,22 @@ def overrides(s: Setup) -> list[str]:
     key = checkpointing_key()
     if key:
         out.append(f"{key}={str(s.activation_checkpointing).lower()}")
+    if not s.sap:
+        out.append("sap.method=sft")
     return out
+
+
+def trainer_batches(config: Optional[str], s: Setup) -> EffectiveBatches:
+    """What the trainer makes of setup `s` on top of the run config `config` (None: the
+    defaults) at `s.gpus` ranks: the trainer's own checks (sap_dist/preflight.py), bar the
+    one that the backend's packages are installed here. PlanError with the trainer's refusal."""
+    from sap_dist import preflight
+    from sap_dist.config import ConfigError, load_config
+
+    try:
+        return preflight.check(load_config(config, overrides(s)), s.gpus, env={}, installed=False).batches
+    except ConfigError as exc:
+        raise PlanError(f"the trainer would refuse the recommended overrides: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -518,6 +541,9 @@ def render(plan: Plan) -> str:
             lines.append(f"host memory per node for the offloaded state: {host / GiB:.0f} GiB "
                          f"({min(c.gpus, plan.gpus_per_node)} GPUs per node; --host-memory refuses more)")
         lines.append("recommended overrides: " + " ".join(overrides(c)))
+        if plan.batches:
+            lines.append(f"the trainer runs them {plan.batches.describe()}")
+            lines += [f"  rounded: {note}" for note in plan.batches.rounded()]
     else:
         lines.append(f"DOES NOT FIT on {b.gpus} x {plan.gpu_memory_gib:g} GiB"
                      + (f"; the smallest GPU count that fits is {plan.min_gpus}" if plan.min_gpus else
@@ -546,6 +572,8 @@ def to_json(plan: Plan) -> dict:
         "memory_bytes": plan.chosen_memory,
         "memory_gib": {k: v / GiB for k, v in plan.chosen_memory.items()} if plan.chosen_memory else None,
         "overrides": overrides(plan.chosen) if plan.chosen else None,
+        "batches": plan.batches.record() if plan.batches else None,
+        "batches_rounded": plan.batches.rounded() if plan.batches else None,
         "alternatives": [{"setup": dataclasses.asdict(s), "memory_bytes": m} for s, m in plan.alternatives],
         "min_gpus": plan.min_gpus,
         "activation_checkpointing_key": checkpointing_key(),
@@ -637,17 +665,24 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if args.sft:
         changes["sap"] = False
     base = dataclasses.replace(base, **changes)
-    for key, value in (("train.batch_size (--batch-size)", batch_size), ("sap.safety_batch_size (--safety-batch-size)", safety_batch_size)):
-        if value is not None and (value < 1 or value % base.gpus):
-            raise PlanError(f"{key}={value} is a global batch size and must be a positive multiple of --gpus {base.gpus}")
+    if batch_size is not None:
+        try:
+            check_task_batch(batch_size, base.gpus)  # the trainer's rule (sap_dist/batching.py)
+        except ValueError as exc:
+            raise PlanError(f"{exc} (--gpus {base.gpus})") from None
+    if safety_batch_size is not None and safety_batch_size < 1:
+        raise PlanError(f"sap.safety_batch_size (--safety-batch-size)={safety_batch_size} must be at least 1")
     arch = load_arch(model)
     trained_params(arch, base)  # validates the LoRA targets
     if not 0 <= args.headroom < 1:
         raise PlanError(f"--headroom {args.headroom} must be a fraction in [0, 1)")
     if args.gpus_per_node < 1 or (args.host_memory is not None and args.host_memory <= 0):
         raise PlanError("--gpus-per-node must be at least 1 and --host-memory positive")
-    return make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size,
+    made = make_plan(arch, base, args.gpu_memory, args.reserve_gib, args.max_batch_per_gpu, batch_size, safety_batch_size,
                      args.headroom, args.gpus_per_node, args.host_memory)
+    if made.chosen:  # only settings the trainer accepts are printed
+        made.batches = trainer_batches(args.config, made.chosen)
+    return made
 
 
 if __name__ == "__main__":

@@ -25,14 +25,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from sap_dist.backends import (OptimizerSpec, check_backend_installed, check_launcher_env, launch_from_env,
-                               prepare_loading)
+from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
+from sap_dist.batching import EffectiveBatches, probe_row_count
 from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Checkpointer,
                                  CheckpointWriteError, Preempted, RunLock, StopRequest, clear_requeue_marker,
                                  preempt_exit_code, watch_launcher, write_requeue_marker, checkpoint_dir,
                                  data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
 from sap_dist.config import Config, ConfigError, SapConfig, describe, load_config, parse_overrides, save_config, to_dict
+from sap_dist import preflight
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.noise import quiet_third_party
 from sap_dist.models import record_base
@@ -124,7 +125,7 @@ def _unwritable(out: str, exc: OSError) -> ConfigError:
     return ConfigError(f"train.output_dir {out}: cannot write the run there ({exc.strerror or exc})")
 
 
-def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
+def _setup_data(cfg: Config, tokenizer, batches: EffectiveBatches):
     from sap_dist import data
 
     examples = data.load_task_examples(cfg.data.task, cfg.data.task_format, cfg.data.task_columns,
@@ -136,26 +137,15 @@ def _setup_data(cfg: Config, tokenizer, backend_rank: int, world_size: int):
             f"train.batch_size={cfg.train.batch_size}"
         )
     safety, safety_stats = None, None
-    safety_key, safety_size = _safety_batch_size(cfg)
-    if cfg.sap.method in ("sap", "lisa"):
+    if batches.safety_pairs is not None:
         pairs = data.load_safety_pairs(cfg.data.safety, cfg.data.safety_columns, cfg.data.safety_split)
         safety, safety_stats = data.encode_safety(tokenizer, pairs, cfg.data.safety_max_length, cfg.data.truncation)
-        if len(safety) < safety_size:
-            raise ConfigError(
-                f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than {safety_key}={safety_size}"
-            )
-    for name, size in (("train.batch_size", cfg.train.batch_size), (safety_key, safety_size)):
-        if size % world_size:
-            raise ConfigError(f"{name}={size} is a global batch size and must divide evenly over {world_size} ranks")
+        if len(safety) < batches.safety_pairs:
+            rounded = f" (rounded up to {batches.safety_pairs} for {batches.world_size} ranks)" \
+                if batches.safety_pairs != batches.safety_asked else ""
+            raise ConfigError(f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than "
+                              f"{batches.safety_key}={batches.safety_asked}{rounded}")
     return task, task_stats, safety, safety_stats
-
-
-def _safety_batch_size(cfg: Config) -> tuple[str, int]:
-    """The config key and value of the global number of safety pairs per step: Lisa's
-    alignment batch (`lisa.batch_size`, null meaning `sap.safety_batch_size`) or SAP's."""
-    if cfg.sap.method == "lisa" and cfg.lisa.batch_size is not None:
-        return "lisa.batch_size", cfg.lisa.batch_size
-    return "sap.safety_batch_size", cfg.sap.safety_batch_size
 
 
 def _optimizer_step_index(cfg: Config, task_step: int) -> int:
@@ -239,26 +229,13 @@ def _alignment_batch(safety_batches: Batches, index: int, pad_id: int, device) -
     return _collate_task(safety_batches.local(safe), pad_id, device), float(_response_tokens(safe))
 
 
-def probe_row_count(batch_size: int, fraction: float, world_size: int) -> int:
-    """Rows of a global batch the probe passes use: `fraction` of `batch_size`, rounded. It
-    must be a positive multiple of the world size (every rank takes the same number of the
-    strided rows, so every world size picks the same ones); ConfigError otherwise."""
-    count = round(fraction * batch_size)
-    if count < world_size or count % world_size:
-        raise ConfigError(
-            f"sap.probe_batch_fraction={fraction} of train.batch_size={batch_size} gives {count} probe rows, "
-            f"which must be a positive multiple of the {world_size} ranks; choose another sap.probe_batch_fraction "
-            f"or train.batch_size"
-        )
-    return count
-
-
 def _probe_rows(rows: list[dict], fraction: float, world_size: int) -> tuple[list[dict], torch.Tensor]:
     """(The global batch's rows the probe passes use, their indices in this rank's slice.)
 
-    With B rows and P probe rows they are the strided rows floor(i*B/P), i < P: the same rows
-    on every world size, and exactly P/world_size of them in each rank's contiguous slice, at
-    the same local indices floor(j*B/P), j < P/world_size, on every rank."""
+    With B rows and P probe rows (`batching.probe_row_count`: a multiple of the world size) they
+    are the strided rows floor(i*B/P), i < P: the same rows on every world size that gets the
+    same P, and exactly P/world_size of them in each rank's contiguous slice, at the same local
+    indices floor(j*B/P), j < P/world_size, on every rank."""
     size = len(rows)
     count = probe_row_count(size, fraction, world_size)
     chosen = [rows[i * size // count] for i in range(count)]
@@ -295,13 +272,14 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     run directory's lock for the life of the run; a run stopped by a stop request leaves the
     requeue marker there (REQUEUE_MARKER) for the batch script."""
     launcher_pid = watch_launcher()  # first thing: a worker whose torchrun dies stops too
-    check_launcher_env(cfg.dist.backend, cfg.model.dtype)  # accelerate's choices sap-dist would ignore
-    check_backend_installed(cfg.dist.backend, cfg.dist.zero_stage)  # a missing DeepSpeed: one line, nothing written
     out, launch = cfg.train.output_dir, launch_from_env()
-    if cfg.sap.method == "sap":  # refused before anything is written (the lock creates the directory)
-        probe_row_count(cfg.train.batch_size, cfg.sap.probe_batch_fraction, launch.world_size)
-        if cfg.train.max_steps is not None:
-            _check_intervals(cfg, cfg.train.max_steps)
+    # what `sap-dist config --world-size N` checks: accelerate's choices sap-dist would ignore,
+    # a missing DeepSpeed, batches over the ranks; refused before anything is written (the lock
+    # creates the directory)
+    batches = preflight.check(cfg, launch.world_size).batches
+    if launch.rank == 0:
+        for note in batches.rounded():
+            print(f"batches: {note}", file=sys.stderr, flush=True)
     try:
         lock = RunLock(out).acquire() if launch.rank == 0 else None
     except OSError as exc:
@@ -309,7 +287,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
     try:
         if lock:
             clear_requeue_marker(out)
-        return _train_model(cfg, launcher_pid, on_step_end)
+        return _train_model(cfg, batches, launcher_pid, on_step_end)
     except Preempted as exc:
         if lock:
             write_requeue_marker(out, {"checkpoint": exc.checkpoint, "message": str(exc)})
@@ -319,7 +297,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
             lock.release()
 
 
-def _train_model(cfg: Config, launcher_pid: int | None = None,
+def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | None = None,
                  on_step_end: Callable[[int, torch.nn.Module, object], None] | None = None) -> TrainResult:
     from sap_dist.models import load_model, load_tokenizer
 
@@ -332,7 +310,7 @@ def _train_model(cfg: Config, launcher_pid: int | None = None,
 
     tokenizer = load_tokenizer(cfg.model)
     _setup_chat_template(tokenizer)
-    task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, rank, world_size)
+    task, task_stats, safety, safety_stats = _setup_data(cfg, tokenizer, batches)
     if rank == 0:
         print(data_report(cfg, task_stats, safety_stats), file=sys.stderr, flush=True)
     total_steps = _total_steps(cfg, len(task))
@@ -360,7 +338,7 @@ def _train_model(cfg: Config, launcher_pid: int | None = None,
                 os.remove(os.path.join(out, marker))
 
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
-    safety_batches = (Batches(safety, _safety_batch_size(cfg)[1], cfg.train.seed + 1, backend.rank, backend.world_size)
+    safety_batches = (Batches(safety, batches.safety_pairs, cfg.train.seed + 1, backend.rank, backend.world_size)
                       if safety else None)
     log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg),
                      purge_step=start_step + 1 if resumed else None)
@@ -435,7 +413,9 @@ def _train_model(cfg: Config, launcher_pid: int | None = None,
             record_base(out, cfg.model)  # a base that loads anywhere, not this machine's cache path
             share_run_files(out)  # the user's umask, not transformers' 0600
     if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
-        torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe]}, os.path.join(out, "probe.pt"))
+        torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe],
+                    "signal": state.last_probe_signal, "signal_scale": state.last_probe_signal_scale},
+                   os.path.join(out, "probe.pt"))
     summary = {
         "status": status,
         "message": stop_message,
@@ -444,6 +424,7 @@ def _train_model(cfg: Config, launcher_pid: int | None = None,
         "backend": type(backend).__name__,
         "world_size": backend.world_size,
         "probe_layers": probe_layers,
+        "batches": batches.record(),  # after the rounding to the ranks (sap_dist.batching)
         "steps": step,
         "total_steps": total_steps,
         "task_examples": len(task),
@@ -492,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "  sap-dist train --config tiny train.max_steps=10 --sap.rho 0.1\n"
                     "  sap-dist train --config my.yaml --model HuggingFaceTB/SmolLM2-135M-Instruct",
         epilog="Every key with its type, default and meaning: `sap-dist config` (or --help-config). The resolved "
-               "config of a command line, without training: `sap-dist config --config FILE [overrides]`.",
+               "config of a command line, without training: `sap-dist config --config FILE [overrides]`; with "
+               "--world-size N, every check the run makes at N ranks.",
     )
     parser.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(preset_names())}); "
                                           "default: built-in defaults only")

@@ -14,7 +14,7 @@ V_safe is each layer's direction rescaled to a fixed norm, so per-layer cosines 
 
     .venv/bin/python scripts/probe_variance.py [--steps 12] [--threads 2] [--config quick] [section.key=value ...]
 
-The figures in the README and docs/experiment.md were measured with the quick trainer config
+The figures in docs/performance.md and docs/experiment.md were measured with the quick trainer config
 (LoRA dropout 0.1) and SAP's steps at a fresh safety direction every step: `sap.safety_every=1`.
 """
 from __future__ import annotations

@@ -14,8 +14,9 @@
 #   SAP_CONFIG          run config (default: the script's recipe in configs/)
 #   SAP_MODEL           model.name_or_path (hub id, local directory, .gguf, ...)
 #   SAP_TASK_DATA       data.task            SAP_SAFETY_DATA   data.safety
-#   SAP_OUTPUT_DIR      train.output_dir (default: runs/<job name>-<job id>; it is the same
-#                       for a requeued job, which is how it finds its checkpoints)
+#   SAP_OUTPUT_DIR      train.output_dir (default: the one your own SAP_CONFIG sets, else
+#                       runs/<job name>-<job id>; either is the same for a requeued job,
+#                       which is how it finds its checkpoints)
 #   SAP_BACKEND         dist.backend (zero3, zero2, zero3_offload, fsdp2, ddp)
 #   SAP_DS_CONFIG       dist.deepspeed_config
 #   SAP_EXTRA_ARGS      more overrides, split on spaces ("sap.rho=0.02 train.max_steps=500");
@@ -31,8 +32,13 @@
 #   SAP_DRY_RUN=1       print the fetch-model, srun and torchrun command lines instead of
 #                       running them
 #   HF_HOME             Hugging Face cache, on a filesystem every node sees (default:
-#                       $SAP_ROOT/.cache/huggingface); `sap-dist fetch-model` fills it once on
-#                       the batch host, then the ranks run with HF_HUB_OFFLINE=1
+#                       $SAP_ROOT/.cache/huggingface, inside the checkout: set it to shared
+#                       scratch, e.g. /scratch/$USER/hf, as the 70B weights alone are about
+#                       140 GB); `sap-dist fetch-model` fills it once on the batch host with the
+#                       model and the config's hub data sets, then the ranks run with
+#                       HF_HUB_OFFLINE=1. Gated models need a token there: with HF_HOME already
+#                       set, `hf auth login` writes it to $HF_HOME/token, where the job looks
+#                       for it
 #
 # NCCL (set only where unset, so any of them can be overridden from the submitting shell):
 #   NCCL_DEBUG=WARN                 INFO prints the transport and interfaces NCCL picked
@@ -109,6 +115,13 @@ sap_on_term() {
   sap_log "SIGTERM: the training processes got it too; waiting for their checkpoint (no requeue from here)"
 }
 
+# train.output_dir as the config file $1 sets it (nothing when it sets none).
+sap_config_output_dir() {
+  "$SAP_PYTHON" -c 'import sys, yaml
+train = (yaml.safe_load(open(sys.argv[1])) or {}).get("train") or {}
+print(train.get("output_dir") or "")' "$1" 2>/dev/null || true
+}
+
 # Usage: sap_run [override ...]  (from a sap_*.sh script that set SAP_RECIPE)
 sap_run() {
   if [ -z "${SLURM_JOB_ID:-}" ] && [ "${SAP_DRY_RUN:-0}" != 1 ]; then
@@ -122,6 +135,11 @@ sap_run() {
   fi
   SAP_CONFIG=${SAP_CONFIG:-$SAP_RECIPE}
   local job_id=${SLURM_JOB_ID:-0} job_name=${SLURM_JOB_NAME:-sap}
+  # a user's own config keeps its output directory; the recipes' one directory per job keeps
+  # two jobs of the same recipe apart
+  if [ -z "${SAP_OUTPUT_DIR:-}" ] && [ "$SAP_CONFIG" != "$SAP_RECIPE" ]; then
+    SAP_OUTPUT_DIR=$(sap_config_output_dir "$SAP_CONFIG")
+  fi
   SAP_OUTPUT_DIR=${SAP_OUTPUT_DIR:-runs/$job_name-$job_id}
   SAP_RDZV_PORT=${SAP_RDZV_PORT:-$((20000 + job_id % 10000))}
   local nnodes=${SLURM_JOB_NUM_NODES:-1}
@@ -145,9 +163,11 @@ sap_run() {
   fi
   # ${a[@]+"${a[@]}"}: an empty array under set -u is an error in bash < 4.4 (older clusters)
   args+=(${extra[@]+"${extra[@]}"} "$@")
-  local arg
+  local arg previous=
   for arg in ${extra[@]+"${extra[@]}"} "$@"; do  # an output_dir given as an override is the one to watch
+    case $previous in --train.output_dir) SAP_OUTPUT_DIR=$arg ;; esac
     case $arg in train.output_dir=* | --train.output_dir=*) SAP_OUTPUT_DIR=${arg#*=} ;; esac
+    previous=$arg
   done
 
   if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
@@ -172,9 +192,10 @@ sap_run() {
   sap_log "job $job_id ($job_name), restart ${SLURM_RESTART_COUNT:-0}: $nnodes node(s) ${SLURM_JOB_NODELIST:-}, rendezvous $SAP_RDZV_ENDPOINT"
   sap_log "config $SAP_CONFIG, output $SAP_OUTPUT_DIR, python $SAP_PYTHON"
   sap_log "overrides: ${args[*]}"
-  # The model, once, before any rank starts: downloaded into HF_HOME (on the shared
-  # filesystem) unless already there; the ranks then run offline against it. A missing model
-  # ends the job here, before any GPU time is spent. (sap_dist/fetch.py)
+  # The model and the hub data sets, once, before any rank starts: downloaded into HF_HOME
+  # (on the shared filesystem) unless already there; the ranks then run offline against it.
+  # A missing model or data set ends the job here, before any GPU time is spent.
+  # (sap_dist/fetch.py)
   : "${HF_HOME:=$SAP_ROOT/.cache/huggingface}"
   export HF_HOME
   local fetch_cmd=("$SAP_PYTHON" -m sap_dist.cli fetch-model --config "$SAP_CONFIG" "${args[@]}")
@@ -182,7 +203,7 @@ sap_run() {
     printf '%q ' "${fetch_cmd[@]}"
     echo
   elif ! "${fetch_cmd[@]}"; then
-    sap_log "the model is not available (see the line above): nothing started"
+    sap_log "the model or a data set is not available (see the line above): nothing started"
     return 2
   fi
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -43,17 +43,33 @@ trap '' USR1 TERM
 # A stopped run exits 0 after writing OUTPUT_DIR/.requeue (torchrun would turn the trainer's
 # 75 into 1 and print a ChildFailedError traceback); slurm/common.sh requeues on that marker.
 export SAP_PREEMPT_EXIT_CODE=0
-torchrun_signals=SIGINT,SIGHUP,SIGQUIT  # not SIGTERM (see above)
+python=${SAP_PYTHON:-python3}
 
-cmd=("${SAP_PYTHON:-python3}" -m torch.distributed.run
+# torchrun has --signals-to-handle from torch 2.9 on; older ones refuse it ("unrecognized
+# arguments") and always handle SIGTERM themselves. Ask this torchrun's own --help rather than
+# compare versions (its output whole, not piped into grep -q: an early exit there would kill
+# torchrun with SIGPIPE and fail the pipeline under pipefail).
+torchrun_signal_args() {
+  local help
+  help=$("$python" -m torch.distributed.run --help 2>/dev/null || true)
+  case $help in
+    *--signals-to-handle*) echo "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT" ;;  # not SIGTERM (see above)
+  esac
+}
+signal_args=$(torchrun_signal_args)
+
+cmd=("$python" -m torch.distributed.run
      --nnodes="$nnodes" --nproc-per-node="$nproc"
      --rdzv-backend=c10d --rdzv-endpoint="$SAP_RDZV_ENDPOINT"
      --rdzv-id="sap-${SLURM_JOB_ID:-0}-${SLURM_RESTART_COUNT:-0}" --rdzv-conf="is_host=$is_host"
-     --max-restarts=0 --signals-to-handle="$torchrun_signals"
+     --max-restarts=0 ${signal_args:+"$signal_args"}
      --log-dir="$log_dir" --tee=3
      -m sap_dist.train --config "$SAP_CONFIG" "$@")
 
 echo "node $node_id/$nnodes $(hostname): $nproc process(es), OMP_NUM_THREADS=$OMP_NUM_THREADS, rendezvous host: $is_host, per-rank logs: $log_dir"
+if [ -z "$signal_args" ]; then
+  echo "node $node_id: this torchrun (torch < 2.9) has no --signals-to-handle: on a SIGTERM (scancel) it SIGKILLs the training processes 30 s later, which must checkpoint by then; the time-limit signal (SIGUSR1) is not affected"
+fi
 if [ "${SAP_DRY_RUN:-0}" = 1 ]; then
   printf '%q ' "${cmd[@]}"
   echo

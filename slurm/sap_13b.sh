@@ -23,13 +23,24 @@
 #   sbatch --nodes=2 slurm/sap_13b.sh                         # node count from the command line
 #   SAP_MODEL=/models/my-13b SAP_TASK_DATA=/data/task.jsonl sbatch slurm/sap_13b.sh
 #   sbatch slurm/sap_13b.sh train.max_steps=500 sap.rho=0.02  # config overrides
-# Batch sizes are global and must divide by the GPU count. Other GPU counts or memory
-# sizes: re-run `sap-dist plan` with them. Every environment variable (model, data, output,
-# backend, config, NCCL) and the preemption/requeue protocol are described in slurm/common.sh.
+# train.batch_size is global and must divide by the GPU count; the probe rows and safety pairs
+# are rounded to it (the run says so). Check a command's config for its GPU count, no GPU needed:
+#   sap-dist config --config configs/sap_13b.yaml --world-size 16 [overrides]
+# Other GPU counts or memory sizes: re-run `sap-dist plan` with them. Every environment
+# variable (model, data, output, backend, config, NCCL) and the preemption/requeue protocol are
+# described in slurm/common.sh.
+# GPU type: the plan is for 80 GB cards, but --gpus-per-node=8 below takes any 8 GPUs. Ask for
+# the type by its name on your cluster (`sinfo -o "%P %G"` lists them, e.g. gpu:h100:8) on the
+# command line, which wins over this header (same as --gres=gpu:h100:8):
+#   sbatch --gpus-per-node=h100:8 slurm/sap_13b.sh
+# or enable one of the two "##SBATCH" lines below (remove one "#"; a later line wins): the typed
+# request, or a --constraint where the site tags nodes by feature (`sinfo -o "%N %f"`).
 #SBATCH --job-name=sap-13b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+##SBATCH --gpus-per-node=h100:8
+##SBATCH --constraint=h100
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=0
 #SBATCH --exclusive

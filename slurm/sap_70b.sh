@@ -20,16 +20,27 @@
 # <job name>-<job id>.out in the directory you submit from; relative paths in the variables and
 # overrides below are relative to the checkout):
 #   sbatch slurm/sap_70b.sh                                  # 2 nodes x 8 GPUs
-#   sbatch --nodes=4 slurm/sap_70b.sh sap.safety_batch_size=32   # node count from the command line
+#   sbatch --nodes=4 slurm/sap_70b.sh train.batch_size=64 sap.safety_batch_size=32  # 32 GPUs, 2 rows each
 #   SAP_MODEL=/models/my-70b SAP_TASK_DATA=/data/task.jsonl sbatch slurm/sap_70b.sh
 #   sbatch slurm/sap_70b.sh train.max_steps=500 sap.rho=0.02  # config overrides
-# Batch sizes are global and must divide by the GPU count. Other GPU counts or memory
-# sizes: re-run `sap-dist plan` with them. Every environment variable (model, data, output,
-# backend, config, NCCL) and the preemption/requeue protocol are described in slurm/common.sh.
+# train.batch_size is global and must divide by the GPU count; the probe rows and safety pairs
+# are rounded to it (the run says so). Check a command's config for its GPU count, no GPU needed:
+#   sap-dist config --config configs/sap_70b.yaml --world-size 32 [overrides]
+# Other GPU counts or memory sizes: re-run `sap-dist plan` with them. Every environment
+# variable (model, data, output, backend, config, NCCL) and the preemption/requeue protocol are
+# described in slurm/common.sh.
+# GPU type: the plan is for 80 GB cards, but --gpus-per-node=8 below takes any 8 GPUs. Ask for
+# the type by its name on your cluster (`sinfo -o "%P %G"` lists them, e.g. gpu:h100:8) on the
+# command line, which wins over this header (same as --gres=gpu:h100:8):
+#   sbatch --gpus-per-node=h100:8 slurm/sap_70b.sh
+# or enable one of the two "##SBATCH" lines below (remove one "#"; a later line wins): the typed
+# request, or a --constraint where the site tags nodes by feature (`sinfo -o "%N %f"`).
 #SBATCH --job-name=sap-70b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+##SBATCH --gpus-per-node=h100:8
+##SBATCH --constraint=h100
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=0
 #SBATCH --exclusive

@@ -23,13 +23,32 @@
 #   sbatch --nodes=2 slurm/sap_7b.sh                         # node count from the command line
 #   SAP_MODEL=/models/my-7b SAP_TASK_DATA=/data/task.jsonl sbatch slurm/sap_7b.sh
 #   sbatch slurm/sap_7b.sh train.max_steps=500 sap.rho=0.02  # config overrides
-# Batch sizes are global and must divide by the GPU count. Other GPU counts or memory
-# sizes: re-run `sap-dist plan` with them. Every environment variable (model, data, output,
-# backend, config, NCCL) and the preemption/requeue protocol are described in slurm/common.sh.
+# train.batch_size is global and must divide by the GPU count; the probe rows and safety pairs
+# are rounded to it (the run says so). Check a command's config for its GPU count, no GPU needed:
+#   sap-dist config --config configs/sap_7b.yaml --world-size 16 [overrides]
+# Other GPU counts or memory sizes: re-run `sap-dist plan` with them. Every environment
+# variable (model, data, output, backend, config, NCCL) and the preemption/requeue protocol are
+# described in slurm/common.sh.
+# GPU type: the plan is for 80 GB cards, but --gpus-per-node=8 below takes any 8 GPUs. Ask for
+# the type by its name on your cluster (`sinfo -o "%P %G"` lists them, e.g. gpu:h100:8) on the
+# command line, which wins over this header (same as --gres=gpu:h100:8):
+#   sbatch --gpus-per-node=h100:8 slurm/sap_7b.sh
+# or enable one of the two "##SBATCH" lines below (remove one "#"; a later line wins): the typed
+# request, or a --constraint where the site tags nodes by feature (`sinfo -o "%N %f"`).
+# Full fine-tuning (weights.method=full) also fits 8 x 80 GB (sap-dist plan ... --method full:
+# 40 GiB per GPU), but nothing else in the recipe follows it. The learning rate stays LoRA's
+# 1e-4, far too high for all weights (1e-5 to 2e-5 is usual); and each checkpoint then holds
+# all weights plus their fp32 Adam state, about 95 GB, written every 100 steps
+# (checkpoint.every_steps) with two kept (checkpoint.keep_last): about 190 GB on the output
+# filesystem, 285 GB while the next one is written, and each must be written within the
+# time-limit signal's 10 minutes' lead. Size both, e.g.:
+#   sbatch slurm/sap_7b.sh weights.method=full train.learning_rate=2e-5 checkpoint.every_steps=500
 #SBATCH --job-name=sap-7b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+##SBATCH --gpus-per-node=h100:8
+##SBATCH --constraint=h100
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=0
 #SBATCH --exclusive

@@ -75,7 +75,6 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     (["top", "sap.safety_every=0"], "sap.safety_every must be at least 1"),
     (["top", "sap.probe_layers=[9]"], "sap.probe_layers [9] out of range"),
     (["sft", "sap.safety_every=2"], "--candidate sft: the name of a method the bench always measures"),
-    (["top", "sap.probe_batch_fraction=0.1"], "--candidate top: sap.probe_batch_fraction=0.1 of train.batch_size=4 gives 0"),
     (["top", "sap.safety_every=2", "--candidate", "top", "sap.safety_every=3"], "--candidate top: given more than once"),
 ])
 def test_bench_refuses_a_bad_candidate(tmp_path, candidate, message):

@@ -25,6 +25,38 @@ def test_config_dry_run_prints_the_resolved_config(capsys, tmp_path):
     assert "did you mean 'sap.rho'" in capsys.readouterr().err
 
 
+def test_config_at_a_world_size_prints_the_batches_each_rank_gets(capsys, tmp_path):
+    """The 70B recipe on 4 nodes x 8 GPUs: 16 probe rows and 16 pairs for 32 ranks are rounded
+    to 32 (one per rank), said in comments that leave the printed config loadable."""
+    assert main(["config", "--config", os.path.join(REPO, "configs", "sap_70b.yaml"), "--world-size", "32"]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("#")]
+    assert notes[0] == ("# at 32 ranks: train.batch_size 32 (1 per rank), probe rows 32 (1 per rank), "
+                        "safety pairs 32 (1 per rank); backend zero3"), notes
+    assert any("sap.probe_batch_fraction=0.5 of train.batch_size=32 gives 16" in n for n in notes)
+    assert any("sap.safety_batch_size=16 rounded up to a multiple of the 32 ranks" in n for n in notes)
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(out)
+    assert load_config(str(resolved)) == load_config(os.path.join(REPO, "configs", "sap_70b.yaml"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "tiny", "--world-size", "8"], "train.batch_size=4 is a global batch size and must divide evenly over "
+                                                "the 8 ranks"),
+    (["--config", "tiny", "--world-size", "2", "dist.backend=single"], "dist.backend=single cannot run in 2 processes"),
+    (["--config", "tiny", "--world-size", "2", "dist.backend=zero4"], "unknown backend 'zero4' (dist.backend)"),
+    (["--config", "tiny", "--world-size", "2", "dist.backend=zero3", "dist.deepspeed_config=missing.json"],
+     "dist.deepspeed_config missing.json: cannot read it"),
+    (["--config", "tiny", "--world-size", "2", "train.max_steps=2", "sap.probe_every=3"],
+     "sap.probe_every=3 is more than the run's 2 steps"),
+    (["--config", "tiny", "--world-size", "0"], "the world size must be at least 1"),
+])
+def test_config_at_a_world_size_refuses_what_the_trainer_refuses_in_one_line(capsys, args, message):
+    assert main(["config", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_config_key_list_prints_types_by_name(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out

@@ -216,7 +216,42 @@ def test_gpu_image_installs_the_prebuilt_flash_attn_wheel_or_fails():
     runs = " ".join(v for k, v in _instructions(ROOT / "docker" / "Dockerfile") if k == "RUN")
     assert "flash-attn==" not in runs  # a version spec lets pip fall back to an hour-long source build
     assert re.search(r"releases/download/v\$\{FLASH_ATTN_VERSION\}/flash_attn-.*\.whl", runs)
-    assert "import flash_attn_2_cuda" in runs
+
+
+def _python_checks(dockerfile: Path) -> list[str]:
+    """The code of every `python -c CODE` the RUN instructions of `dockerfile` execute."""
+    codes = []
+    for kind, value in _instructions(dockerfile):
+        if kind != "RUN":
+            continue
+        tokens = shlex.split(value.replace("&&", " && "))
+        codes += [tokens[i + 2] for i in range(len(tokens) - 2) if tokens[i] == "python" and tokens[i + 1] == "-c"]
+    return codes
+
+
+def _imported_modules(code: str) -> list[str]:
+    """Modules `code` imports, in the order it runs them."""
+    import ast
+
+    names = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def test_the_flash_attn_build_check_imports_torch_first():
+    """flash_attn_2_cuda links against torch's libc10.so, which is on no library path: only an
+    imported torch has loaded it. The build check must import torch before the extension."""
+    checks = [_imported_modules(code) for code in _python_checks(ROOT / "docker" / "Dockerfile")]
+    flash = [names for names in checks if "flash_attn_2_cuda" in names]
+    assert flash, checks
+    for names in flash:
+        assert "torch" in names and names.index("torch") < names.index("flash_attn_2_cuda"), names
+    assert _imported_modules("import torch; import flash_attn_2_cuda") == ["torch", "flash_attn_2_cuda"]
+    assert _imported_modules("import flash_attn_2_cuda, torch") == ["flash_attn_2_cuda", "torch"]
 
 
 def test_compose_smoke_commands_return_the_training_exit_code():
@@ -227,8 +262,92 @@ def test_compose_smoke_commands_return_the_training_exit_code():
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_images_run_as_an_unprivileged_user(dockerfile):
-    users = [v.split(":")[0] for k, v in _instructions(dockerfile) if k == "USER"]
+def test_images_run_as_an_unprivileged_user_through_the_entrypoint(dockerfile):
+    instructions = _instructions(dockerfile)
+    users = [v.split(":")[0] for k, v in instructions if k == "USER"]
     assert users and users[-1] not in ("root", "0")
-    compose = (ROOT / "docker" / "docker-compose.yml").read_text()
-    assert compose.count('user: "${SAP_UID:-10001}:${SAP_GID:-10001}"') == 2
+    assert ("COPY", "docker/entrypoint.sh /usr/local/bin/sap-entrypoint") in instructions
+    assert json.loads(next(v for k, v in instructions if k == "ENTRYPOINT")) == ["/usr/local/bin/sap-entrypoint"]
+    assert any(k == "RUN" and "setpriv --version" in v for k, v in instructions)  # the entrypoint needs it
+
+
+def test_compose_starts_as_root_or_the_given_ids_and_mounts_runs(compose_config):
+    """Without SAP_UID the entrypoint picks the owner of ./runs; ./runs is in the repository, so
+    Docker never creates it as root."""
+    for service in compose_config["services"].values():
+        assert service["user"] == "0:0"
+        assert any(v["source"] == str(ROOT / "runs") and v["target"] == "/workspace/runs" for v in service["volumes"])
+    assert (ROOT / "runs" / ".gitkeep").exists()
+    tracked = subprocess.run(["git", "check-ignore", "-q", "runs/.gitkeep"], cwd=ROOT)
+    assert tracked.returncode == 1  # not ignored: the directory comes with a clone
+    env = dict(os.environ, SAP_UID="1234", SAP_GID="5678")
+    result = subprocess.run([*_compose_cmd(), "-f", str(COMPOSE), "config", "--format", "json"], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=120)
+    assert json.loads(result.stdout)["services"]["cpu"]["user"] == "1234:5678"
+
+
+# ------------------------------------------------------------------------------------------
+# The entrypoint, run for real as other uids (no Docker: setpriv, as the images do)
+
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+IMAGE_UID = 10001
+
+
+def _as_uid(uid: int, gid: int, runs: Path, *command: str) -> subprocess.CompletedProcess:
+    """The entrypoint started as uid:gid (what `docker run --user uid:gid` does) on `runs`."""
+    env = dict(os.environ, SAP_RUNS_DIR=str(runs))
+    prefix = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    return subprocess.run([*prefix, "sh", str(ENTRYPOINT), *command], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+@pytest.fixture
+def mounted():
+    """A directory any uid can reach (pytest's own tmp dirs are 0700), standing for ./runs."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to start the entrypoint as other uids")
+    top = Path(tempfile.mkdtemp(prefix="sap-entrypoint-"))
+    top.chmod(0o755)
+    runs = top / "runs"
+    runs.mkdir(mode=0o755)
+    yield runs
+    shutil.rmtree(top)
+
+
+def test_entrypoint_as_a_uid_that_cannot_write_runs_refuses_in_one_line(mounted):
+    os.chown(mounted, 1000, 1000)  # a host user's ./runs, mode 755
+    result = _as_uid(IMAGE_UID, IMAGE_UID, mounted, "touch", str(mounted / "summary.json"))
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(mounted) in lines[0] and "uid 1000" in lines[0] and f"uid {IMAGE_UID}" in lines[0]
+    assert '--user "$(id -u):$(id -g)"' in lines[0] and "SAP_UID" in lines[0]
+    assert not (mounted / "summary.json").exists()
+
+
+def test_entrypoint_as_the_owner_of_runs_writes_there(mounted):
+    os.chown(mounted, 1000, 1000)
+    result = _as_uid(1000, 1000, mounted, "sh", "-c", f'id -u; touch "{mounted}/summary.json"')
+    assert result.returncode == 0 and result.stdout.split() == ["1000"], result
+    assert (mounted / "summary.json").stat().st_uid == 1000
+
+
+def test_entrypoint_started_as_root_runs_as_the_owner_of_runs(mounted):
+    os.chown(mounted, 1000, 2000)
+    result = _as_uid(0, 0, mounted, "sh", "-c", f'id -u; id -g; id -G; touch "{mounted}/summary.json"')
+    assert result.returncode == 0, result
+    assert result.stdout.split() == ["1000", "2000", "2000"]  # no supplementary groups of root's kept
+    assert (mounted / "summary.json").stat().st_uid == 1000
+
+
+def test_entrypoint_started_as_root_without_runs_is_the_images_user(mounted):
+    mounted.rmdir()
+    result = _as_uid(0, 0, mounted, "id", "-u")
+    assert result.returncode == 0 and result.stdout.split() == [str(IMAGE_UID)], result
+
+
+def test_entrypoint_keeps_the_commands_exit_code_and_arguments(mounted):
+    os.chown(mounted, IMAGE_UID, IMAGE_UID)
+    result = _as_uid(IMAGE_UID, IMAGE_UID, mounted, "sh", "-c", 'printf "%s|" "$@"; exit 7', "sh", "a b", "--x=1")
+    assert result.returncode == 7 and result.stdout == "a b|--x=1|", result

@@ -111,13 +111,35 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
     lock = RunLock(str(out), env={}).acquire()
     assert f"taking over the stale lock {out / RUN_LOCK} of pid {dead.pid}" in capsys.readouterr().err
     assert json.loads((out / RUN_LOCK).read_text())["pid"] == os.getpid()
-    # a lock on another host is not provably stale: refused; the same Slurm job (requeued) is
+    # a lock of another job on another host, with no Slurm to ask about it, is not provably
+    # stale: refused; an earlier start of this same Slurm job (it was requeued) is
     lock.release()
-    (out / RUN_LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "42"}))
+    (out / RUN_LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_job": "42", "slurm_restart": "0"}))
     with pytest.raises(ConfigError, match=r"in use by a live run \(pid 1 on elsewhere, Slurm job 42\)"):
-        RunLock(str(out), env={"SLURM_JOB_ID": "43"}).acquire()
-    RunLock(str(out), env={"SLURM_JOB_ID": "42"}).acquire().release()
+        RunLock(str(out), env={"SLURM_JOB_ID": "43", "SLURM_CONF": str(tmp_path / "no-slurm.conf")}).acquire()
+    RunLock(str(out), env={"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}).acquire().release()
+    assert "an earlier start of this Slurm job 42" in capsys.readouterr().err
     assert not (out / RUN_LOCK).exists()
+
+
+def test_two_live_runs_in_one_slurm_allocation_are_kept_apart(tmp_path):
+    """The same SLURM_JOB_ID (and restart) is not a requeue: a live holder in this allocation,
+    another process on this host, keeps the directory; once it is dead the lock is taken over."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    out = tmp_path / "run"
+    out.mkdir()
+    same_job = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "0", "SLURM_STEP_ID": "0"}
+    try:
+        (out / RUN_LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm_job": "42",
+                                                "slurm_restart": "0", "slurm_step": "0"}))
+        with pytest.raises(ConfigError, match=rf"in use by a live run \(pid {holder.pid} on .*, Slurm job 42\)"):
+            RunLock(str(out), env=same_job).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(str(out), env=same_job).acquire()
+    assert json.loads((out / RUN_LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
 
 
 def test_a_missing_deepspeed_is_one_line_naming_the_setup_command(tmp_path):
@@ -156,6 +178,52 @@ def test_fetch_model_offline_finds_the_shared_cache_or_says_in_one_line(tmp_path
     assert missing.returncode == 2 and len(lines) == 1, missing.stderr[-2000:]
     assert "'acme/absent'" in lines[0] and "HF_HUB_OFFLINE=1" in lines[0] and str(hf_home) in lines[0]
     assert "sap-dist fetch-model --config" in lines[0]
+
+
+def _cached_model(hf_home) -> str:
+    """A hub model id that is complete in the cache under `hf_home` (what fetch-model finds offline)."""
+    snapshot = hf_home / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir(exist_ok=True)
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    return "acme/tiny"
+
+
+def test_fetch_model_asks_only_for_the_hub_datasets_a_run_loads(tmp_path):
+    """builtin:, local files (of any state) and local directories need nothing; a hub name does,
+    for data.safety only with the methods that read safety pairs."""
+    from sap_dist.config import load_config
+    from sap_dist.fetch import hub_datasets
+
+    local = tmp_path / "task.jsonl"
+    local.write_text('{"instruction": "a", "output": "b"}\n')
+    assert hub_datasets(load_config("tiny")) == []  # builtin:task, builtin:safety
+    assert hub_datasets(load_config("tiny", [f"data.task={local}", f"data.safety={tmp_path / 'missing.csv'}"])) == []
+    assert hub_datasets(load_config("tiny", [f"data.task={tmp_path}"])) == []  # a directory: loaded locally
+    both = load_config("tiny", ["data.task=acme/task", "data.task_split=sft", "data.safety=acme/pairs"])
+    assert hub_datasets(both) == [("data.task", "acme/task", "sft"), ("data.safety", "acme/pairs", "train")]
+    sft = load_config("tiny", ["data.safety=acme/pairs", "sap.method=sft"])
+    assert hub_datasets(sft) == []
+    usage = " ".join(_fetch("--help").stdout.split())
+    assert "hub data sets (data.task, and data.safety for sap and lisa)" in usage and "builtin:" in usage
+
+
+@pytest.mark.parametrize("key", ["data.task", "data.safety"])
+def test_fetch_model_loads_hub_datasets_and_names_the_key_when_it_cannot(key, tmp_path):
+    """After the model, each hub dataset goes through `datasets.load_dataset` (the ranks' own
+    call); offline and not cached, that is one line naming the key, the name and the cache."""
+    hf_home = tmp_path / "hf"
+    model = _cached_model(hf_home)
+    result = _fetch("--config", "tiny", f"model.name_or_path={model}", f"{key}=acme/absent-data",
+                    HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"sap-dist fetch-model: error: {key} 'acme/absent-data'"), lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0] and str(hf_home) in lines[0] and "sap-dist fetch-model --config" in lines[0]
+    assert f"model {model}:" in result.stdout  # the model came first and was found
+    fine = _fetch("--config", "tiny", f"model.name_or_path={model}", HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    assert fine.returncode == 0 and "data." not in fine.stdout, fine.stderr[-2000:]  # builtin: nothing to fetch
 
 
 def test_launcher_configs_name_only_files_that_exist():

@@ -264,3 +264,40 @@ def test_lora_with_a_fixed_batch_prefers_a_smaller_batch_to_offload():
     chosen = plan["recommended"]
     assert plan["fits"] and not chosen["offload_optimizer"] and not chosen["offload_params"], chosen
     assert chosen["batch_per_gpu"] < 8
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "meta-llama/Llama-3.1-70B-Instruct", "--gpus", "16", "--batch-size", "16"],  # 8 probe rows for 16 ranks
+    ["--model", "llama-3-70b", "--gpus", "32", "--batch-size", "32", "--safety-batch-size", "16"],
+    ["--config", "configs/sap_70b.yaml", "--gpus", "32"],
+    ["--config", "configs/sap_70b.yaml", "--gpus", "16"],
+    ["--config", "configs/sap_7b.yaml", "--gpus", "8"],
+    ["--config", "configs/sap_7b.yaml", "--gpus", "16", "--batch-size", "48"],
+    ["--model", "llama-2-7b", "--gpus", "8", "--method", "full", "--sft"],
+    ["--config", "quick", "--gpus", "8"],
+])
+def test_plan_recommends_only_what_the_trainer_accepts(args):
+    """The recommended overrides, on top of the plan's config, pass the trainer's own checks
+    at the plan's GPU count (sap_dist/preflight.py, what every rank runs first), and the plan
+    states the probe rows and safety pairs the trainer will use."""
+    from sap_dist import preflight
+    from sap_dist.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [os.path.join(root, a) if a.startswith("configs/") else a for a in args]
+    data = _plan_json(*args, "--gpu-memory", "80")
+    assert data["fits"], data
+    config = args[args.index("--config") + 1] if "--config" in args else None
+    gpus = int(args[args.index("--gpus") + 1])
+    checked = preflight.check(load_config(config, data["overrides"]), gpus)
+    assert checked.batches.record() == data["batches"]
+    assert data["batches"]["probe_rows"] is None or data["batches"]["probe_rows"] % gpus == 0
+
+
+def test_plan_refuses_a_batch_the_trainer_refuses():
+    refused = _cli("--model", "llama-3-70b", "--gpus", "16", "--gpu-memory", "80", "--batch-size", "24")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("sap-dist plan: error: train.batch_size=24 is a global batch size and must divide "
+                                      "evenly over the 16 ranks; the nearest that do: 16 or 32 (--gpus 16)")
+    # any safety batch: the trainer rounds it up to the GPU count
+    assert _cli("--model", "llama-3-70b", "--gpus", "16", "--gpu-memory", "80", "--safety-batch-size", "4").returncode == 0

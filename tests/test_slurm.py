@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh"))
-           + [ROOT / ".ci" / "run"])
+           + [ROOT / ".ci" / "run", ROOT / "docker" / "entrypoint.sh"])
 """Every shell script in the project."""
 SLURM_TOOLS = ["slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "scancel", "sinfo"]
 # The tiny model on CPU through the 7B recipe: everything else (LoRA, SAP paper variant, ZeRO-3,
@@ -83,9 +84,26 @@ def test_sbatch_headers(size):
     assert f"SAP_RECIPE=configs/sap_{size}.yaml" in text and (ROOT / "configs" / f"sap_{size}.yaml").exists()
     assert re.search(r"sap-dist plan --config configs/sap_%s\.yaml --gpus \d+ --gpu-memory 80" % size, text)
     assert "FITS" in text
+    # sized for 80 GB cards: the GPU type can be asked for, on the command line or in the header
+    assert f"sbatch --gpus-per-node=h100:8 slurm/sap_{size}.sh" in text
+    assert "##SBATCH --gpus-per-node=h100:8" in text and "##SBATCH --constraint=" in text
 
     common = (ROOT / "slurm" / "common.sh").read_text()
     assert "--kill-on-bad-exit=1" in common and "scontrol requeue" in common
+
+
+def test_cluster_docs_log_in_after_hf_home_with_a_cache_outside_the_checkout():
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    steps = doc[doc.index("```bash"):doc.index("```", doc.index("```bash") + 3)]
+    assert "huggingface-cli login" not in doc and "hf auth login" in steps
+    home = re.search(r"^export HF_HOME=(\S+)", steps, re.M)
+    assert home and steps.index(home.group(0)) < steps.index("hf auth login")  # the token lands in $HF_HOME
+    checkout = re.search(r"git clone \S+ (\S+)", steps).group(1)
+    assert not home.group(1).startswith(checkout), home.group(1)  # 140 GB of weights out of the code tree
+    assert "--gpus-per-node=h100:8" in steps
+    header = (ROOT / "slurm" / "sap_7b.sh").read_text().split("\n#SBATCH ")[0]
+    assert "weights.method=full train.learning_rate=2e-5 checkpoint.every_steps=500" in header and "95 GB" in header
+    assert "hf auth login" in (ROOT / "slurm" / "common.sh").read_text()
 
 
 def _dry_run(env_extra: dict, *args: str) -> str:
@@ -138,6 +156,59 @@ def test_defaults_and_per_node_values():
     # the launcher step gets every CPU the job has on a node (the fewest over the nodes)
     srun = next(line for line in _dry_run({"SLURM_JOB_CPUS_PER_NODE": "128(x2),64"}).splitlines() if line.startswith("srun "))
     assert "--cpus-per-task=64" in srun
+
+
+def test_output_dir_of_a_users_config_and_of_a_space_separated_override(tmp_path):
+    """The batch shell watches the output directory the run really writes: the one a user's own
+    SAP_CONFIG sets (the recipes keep one directory per job), and `--train.output_dir X` as well
+    as `train.output_dir=X`."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  output_dir: /scratch/mine\n")
+    out = _dry_run({"SAP_CONFIG": str(mine)})
+    assert "output /scratch/mine," in out and "train.output_dir=/scratch/mine" in out
+    unset = tmp_path / "unset.yaml"
+    unset.write_text("sap:\n  rho: 0.02\n")
+    assert "output runs/sap-70b-77," in _dry_run({"SAP_CONFIG": str(unset)})
+    assert "output runs/sap-70b-77," in _dry_run({})  # the recipe's own output_dir is not the job's
+    assert "output /scratch/env," in _dry_run({"SAP_CONFIG": str(mine), "SAP_OUTPUT_DIR": "/scratch/env"})
+    spaced = _dry_run({}, "--train.output_dir", "/scratch/o2")
+    assert "output /scratch/o2," in spaced and "--train.output_dir /scratch/o2" in spaced
+
+
+def _node_dry_run(python: str) -> str:
+    env = dict(os.environ, SAP_DRY_RUN="1", SAP_PYTHON=python, SAP_RDZV_ENDPOINT="h:1", SAP_CONFIG="c.yaml",
+               SAP_OUTPUT_DIR="/scratch/o")
+    result = subprocess.run(["bash", "slurm/node.sh"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_torchrun_signal_option_follows_the_installed_torchrun():
+    """node.sh passes --signals-to-handle only to a torchrun that has it (torch >= 2.9): asked of
+    the installed torchrun's own --help, for real."""
+    help_text = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "usage:" in help_text
+    out = _node_dry_run(sys.executable)
+    launch = next(line for line in out.splitlines() if "torch.distributed.run" in line)
+    assert ("--signals-to-handle=" in launch) == ("--signals-to-handle" in help_text), (help_text[:300], launch)
+    assert ("no --signals-to-handle" in out) != ("--signals-to-handle" in help_text)
+
+
+def test_a_torchrun_without_the_signal_option_is_launched_without_it(tmp_path):
+    """torch 2.8's torchrun (the Docker image's) refuses --signals-to-handle: its launch line has
+    none, and the log says what a SIGTERM then does. Its --help is stood in for by a python that
+    prints the 2.8 usage (no torch 2.8 here); anything else it passes to the real one."""
+    usage = ("usage: torchrun [-h] [--nnodes NNODES] [--nproc-per-node NPROC_PER_NODE] [--rdzv-backend RDZV_BACKEND] "
+             "[--max-restarts MAX_RESTARTS] [--log-dir LOG_DIR] [--tee TEE] [--local-ranks-filter LOCAL_RANKS_FILTER]")
+    old = tmp_path / "python"
+    old.write_text(f'#!/bin/sh\nif [ "$*" = "-m torch.distributed.run --help" ]; then echo "{usage}"; exit 0; fi\n'
+                   f'exec {sys.executable} "$@"\n')
+    old.chmod(0o755)
+    out = _node_dry_run(str(old))
+    launch = next(line for line in out.splitlines() if "torch.distributed.run" in line)
+    assert "--signals-to-handle" not in launch and "--max-restarts=0 --log-dir=" in launch, launch
+    assert "no --signals-to-handle: on a SIGTERM (scancel) it SIGKILLs the training processes 30 s later" in out
 
 
 def test_the_model_is_fetched_once_before_the_ranks_which_run_offline():
@@ -420,3 +491,71 @@ def test_scancel_sigterm_checkpoints_without_torchrun_killing_the_workers(cluste
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "preempted" and summary["last_checkpoint"], summary
     assert (out / ".requeue").exists() and "not requeueing" in log
+
+
+# ------------------------------------------------------------------------------------------
+# The run lock asks this Slurm whether its holder still runs
+
+
+def _wait_for_step(cluster: Cluster, job_id: int, step: str) -> None:
+    deadline = time.time() + 60
+    while f"{job_id}.{step}" not in cluster.run("squeue", "-h", "-s", "-j", str(job_id), "-o", "%i", check=False).stdout.split():
+        assert time.time() < deadline, f"step {job_id}.{step} did not start: {cluster.job(job_id)}"
+        time.sleep(0.5)
+
+
+def _write_lock(out: Path, **holder) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "slurm_restart": "0", **holder}))
+
+
+def test_run_lock_of_another_host_follows_what_slurm_says_of_its_job_and_step(cluster, tmp_path, capsys):
+    """A lock left on another host: kept while Slurm runs its job (or, inside the same
+    allocation, its step), taken over with a message once Slurm says the job ended or does not
+    know it, as for the resubmission after a hard kill."""
+    from sap_dist.checkpoint import RunLock
+    from sap_dist.config import ConfigError
+
+    out = tmp_path / "run"
+    job = cluster.sbatch("--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", "--wrap", "srun sleep 600",
+                         env=cluster.env(), cwd=tmp_path)
+    try:
+        _wait_for_step(cluster, job, "0")
+        _write_lock(out, slurm_job=str(job), slurm_step="0")
+        with pytest.raises(ConfigError, match=rf"in use by a live run \(pid 1 on elsewhere, Slurm job {job}\)"):
+            RunLock(str(out), env=cluster.env(SLURM_JOB_ID=str(job + 1000))).acquire()
+        same_allocation = cluster.env(SLURM_JOB_ID=str(job), SLURM_STEP_ID="1")
+        with pytest.raises(ConfigError, match="in use by a live run"):
+            RunLock(str(out), env=same_allocation).acquire()
+        _write_lock(out, slurm_job=str(job), slurm_step="7")  # a step of this job that runs no more
+        RunLock(str(out), env=same_allocation).acquire().release()
+        assert f"Slurm job step {job}.7 has ended" in capsys.readouterr().err
+    finally:
+        cluster.run("scancel", str(job), check=False)
+    cluster.wait(job)
+    _write_lock(out, slurm_job=str(job), slurm_step="0")
+    RunLock(str(out), env=cluster.env(SLURM_JOB_ID=str(job + 1000))).acquire().release()
+    assert f"Slurm job {job} is no longer running" in capsys.readouterr().err
+    _write_lock(out, slurm_job="999999", slurm_step="0")  # unknown to this Slurm (purged)
+    RunLock(str(out), env=cluster.env(SLURM_JOB_ID=str(job + 1000))).acquire().release()
+    assert "Slurm job 999999 is no longer running" in capsys.readouterr().err
+
+
+def test_a_lock_left_by_a_killed_job_step_is_taken_over_by_the_next_job(cluster, tmp_path, capsys):
+    """The lock a rank 0 takes inside a real job step (srun) names that job and step; the
+    process then dies without releasing it (a hard kill). The next job takes it over."""
+    from sap_dist.checkpoint import RunLock
+
+    out = tmp_path / "run"
+    take = f"from sap_dist.checkpoint import RunLock; RunLock({str(out)!r}).acquire(); import os; os._exit(9)"
+    job = cluster.sbatch("--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", "--wrap",
+                         f"srun {sys.executable} -c {shlex.quote(take)}", env=cluster.env(PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    cluster.wait(job)
+    holder = json.loads((out / ".lock").read_text())
+    assert holder["slurm_job"] == str(job) and holder["slurm_step"] == "0", (holder, (tmp_path / f"{job}.out").read_text())
+    # rank 0 of the next job lands on another node: only Slurm can say the holder is gone
+    (out / ".lock").write_text(json.dumps(dict(holder, host="another-node")))
+    RunLock(str(out), env=cluster.env(SLURM_JOB_ID=str(job + 1000))).acquire().release()
+    err = capsys.readouterr().err
+    assert f"taking over the stale lock {out / '.lock'}" in err and f"Slurm job {job} is no longer running" in err, err
+    assert not (out / ".lock").exists()

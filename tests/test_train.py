@@ -235,25 +235,75 @@ def test_global_batch_must_divide_and_data_must_suffice(tmp_path):
         run(tiny(tmp_path, "data.task_limit=3"))
 
 
-@pytest.mark.parametrize("size, fraction", [(8, 0.5), (10, 0.4), (12, 0.5), (12, 1.0), (6, 2 / 3)])
+@pytest.mark.parametrize("size, fraction", [(8, 0.5), (10, 0.4), (12, 0.5), (12, 1.0), (6, 2 / 3), (32, 0.5), (12, 0.25)])
 def test_probe_rows_are_the_same_on_every_world_size(size, fraction):
     """The probe rows of a global batch do not depend on the number of ranks: each rank's
-    local indices into its slice pick out exactly the rows one process picks."""
-    from sap_dist.train import Batches, _probe_rows, probe_row_count
+    local indices into its slice pick out exactly the rows one process picks, at the fraction
+    as given where it divides, and at the rounded count pinned for one process where the
+    trainer rounds it to the ranks."""
+    from sap_dist.batching import EffectiveBatches, pinned_overrides, probe_row_count
+    from sap_dist.train import Batches, _probe_rows
 
     rows = [{"id": i} for i in range(size)]
     one, _ = _probe_rows(rows, fraction, 1)
-    assert len(one) == round(fraction * size)
-    for world in [w for w in range(2, size + 1) if size % w == 0 and len(one) % w == 0]:
+    assert len(one) == max(1, round(fraction * size))
+    for world in [w for w in range(2, size + 1) if size % w == 0]:
         chosen, local = _probe_rows(rows, fraction, world)
-        assert chosen == one
+        count = probe_row_count(size, fraction, world)
+        if len(one) % world == 0:
+            assert chosen == one  # the numbers divide: exactly the rows one process probes
+        pinned = pinned_overrides(EffectiveBatches(world, size, fraction, count))
+        same_rows = float(pinned[0].split("=")[1]) if pinned else fraction
+        assert _probe_rows(rows, same_rows, 1)[0] == chosen, (world, pinned)
         picked = []
         for rank in range(world):
             mine = Batches(rows, size, 0, rank, world).local(rows)
             picked += [mine[i] for i in local.tolist()]
-        assert picked == one, (world, picked)
-    with pytest.raises(ConfigError, match="sap.probe_batch_fraction=0.5 of train.batch_size=8 gives 4 probe rows"):
-        probe_row_count(8, 0.5, 8)
+        assert picked == chosen, (world, picked)
+
+
+@pytest.mark.parametrize("size, fraction, world, want", [
+    (32, 0.5, 32, 32),  # 16 rows for 32 ranks: one row per rank
+    (16, 0.5, 16, 16),
+    (8, 0.5, 8, 8),
+    (12, 0.5, 4, 8),  # 6 is as near to 4 as to 8: 2 rows per rank (Python's round, half to even)
+    (12, 0.25, 2, 4),  # 3 -> 4
+    (20, 0.25, 4, 4),  # 5 -> 4
+    (8, 0.5, 2, 4),  # divides: unchanged
+    (4, 0.1, 1, 1),  # never no rows
+    (16, 1.0, 8, 16),  # never more than the batch
+])
+def test_probe_rows_round_to_the_nearest_multiple_of_the_ranks(size, fraction, world, want):
+    from sap_dist.batching import probe_row_count
+
+    assert probe_row_count(size, fraction, world) == want
+
+
+def test_probe_and_safety_counts_are_unchanged_where_they_divide():
+    """Where fraction x batch already rounds to a multiple of the ranks (and the safety pairs
+    divide), the rule gives exactly the counts the trainer always used."""
+    from sap_dist.batching import probe_row_count, safety_pair_count
+
+    for size in range(1, 49):
+        for fraction in (0.1, 0.25, 1 / 3, 0.4, 0.5, 2 / 3, 0.75, 1.0):
+            old = round(fraction * size)
+            for world in (w for w in range(1, size + 1) if size % w == 0 and old >= w and old % w == 0):
+                assert probe_row_count(size, fraction, world) == old, (size, fraction, world)
+    assert all(safety_pair_count(k * w, w) == k * w for k in range(1, 9) for w in range(1, 33))
+    assert safety_pair_count(16, 32) == 32 and safety_pair_count(4, 8) == 8 and safety_pair_count(5, 2) == 6
+
+
+def test_a_batch_that_does_not_divide_is_refused_in_one_line(capsys, tmp_path):
+    from sap_dist.batching import probe_row_count
+
+    with pytest.raises(ConfigError, match="train.batch_size=12 is a global batch size and must divide evenly over the 8 "
+                                          "ranks; the nearest that do: 8 or 16"):
+        probe_row_count(12, 0.5, 8)
+    from sap_dist.cli import config_main
+
+    assert config_main(["--config", "tiny", "--world-size", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.batch_size=4" in err[0] and "3 ranks" in err[0], err
 
 
 def test_a_rounded_away_perturbation_is_reported_in_the_summary(tmp_path):
@@ -283,12 +333,18 @@ def test_the_default_safety_interval_does_not_refuse_a_short_run():
         _check_intervals(load_config("quick", ["sap.safety_every=5"]), 2)
 
 
-def test_probe_batch_of_no_rows_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_probe_rows_rounded_up_from_none_are_said_once_and_recorded(tmp_path, capsys):
+    """0.1 of a batch of 4 rounds to no rows: the run probes one row instead, says so once
+    before training and records the batches it used in summary.json."""
     out = tmp_path / "run"
-    assert main(["--config", "tiny", f"train.output_dir={out}", "sap.probe_batch_fraction=0.1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "sap.probe_batch_fraction=0.1" in err[0] and "train.batch_size=4" in err[0], err
-    assert not out.exists()
+    assert main(["--config", "tiny", f"train.output_dir={out}", "sap.probe_batch_fraction=0.1", "train.max_steps=1",
+                 "train.progress_bar=false", "train.tensorboard=false"]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("batches: ")]
+    assert notes == ["batches: probe rows 1 (1 per rank): sap.probe_batch_fraction=0.1 of train.batch_size=4 gives 0, "
+                     "rounded to the nearest multiple of the 1 rank (at least one row per rank)"], err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["batches"] == {"world_size": 1, "train_batch_size": 4, "probe_rows": 1, "safety_pairs": 4}
 
 
 @pytest.mark.parametrize("launcher", [
