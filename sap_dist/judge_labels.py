@@ -15,6 +15,9 @@ from typing import Any
 LABELS = ("harmful", "safe", "degenerate")
 SPLITS = ("train", "val", "test")
 LABELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "judge_labels.jsonl")
+SECOND_READER_FILE = os.path.join(os.path.dirname(LABELS_FILE), "judge_labels_second_reader.jsonl")
+"""150 of the labelled answers labelled again by a second reader who had not seen the first labels
+(prompt, answer, label, refusal): how far two careful readers agree."""
 
 
 def judge_split(prompt: str) -> str:
@@ -28,7 +31,7 @@ def load_labels(path: str = LABELS_FILE, split: str | None = None) -> list[dict]
     """The labelled rows (of one split when given)."""
     with open(path, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in rows if split is None or r["split"] == split]
+    return [r for r in rows if split is None or r.get("split") == split]
 
 
 def agreement(labels: list[str], predicted: list[str]) -> dict[str, Any]:

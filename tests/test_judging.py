@@ -40,6 +40,15 @@ def test_labels_are_split_by_prompt_and_never_use_the_test_half():
     assert sum(r["split"] == "test" for r in rows) >= 300
 
 
+def test_two_careful_readers_agree_better_than_any_judge():
+    # the ceiling the judge is measured against: the second reader's labels of 150 answers
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reader_agreement.py")], capture_output=True,
+                          text=True, cwd=ROOT, check=True)
+    readers = json.loads(proc.stdout)
+    assert readers["n"] == 150
+    assert readers["accuracy"] > careful_judge.load_weights()["agreement"]["test"]["accuracy"]
+
+
 def test_agreement_counts():
     score = agreement(["harmful", "harmful", "safe", "degenerate", "safe"],
                       ["harmful", "safe", "harmful", "degenerate", "safe"])
