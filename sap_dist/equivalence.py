@@ -131,10 +131,7 @@ def probe_diff(got: tuple[list[torch.Tensor], float | None], want: tuple[list[to
     """max |got - want| over the reference run's scale (its own max |value| where it has none)."""
     if want[1] is None:
         return max_rel_diff(got[0], want[0])
-    if len(got[0]) != len(want[0]) or any(a.shape != b.shape for a, b in zip(got[0], want[0])):
-        raise ValueError("probe signal shapes differ from the reference's")
-    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(*(got[0], want[0])) if a.numel()),
-               default=0.0)
+    diff, _ = max_abs_diff(got[0], want[0])
     return diff / want[1] if want[1] > 0 else diff
 
 
@@ -146,6 +143,13 @@ def max_rel_diff(got, want) -> float:
     gradient (summation order differs across ranks) into ~1e-5 of that tensor's scale. A real
     error (a missed all-reduce, a perturbation the forward does not see) moves the weights
     by whole optimizer steps, orders of magnitude above the tolerance."""
+    diff, scale = max_abs_diff(got, want)
+    return diff / scale if scale > 0 else diff
+
+
+def max_abs_diff(got, want) -> tuple[float, float]:
+    """(max |got - want|, max |want|) over all the tensors together: a dict of named tensors
+    (the same names on both sides) or a list (the same length), each pair of one shape."""
     if isinstance(want, dict):
         if set(got) != set(want):
             missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
@@ -163,7 +167,7 @@ def max_rel_diff(got, want) -> float:
         if a.numel():
             diff = max(diff, (a - b).abs().max().item())
             scale = max(scale, b.abs().max().item())
-    return diff / scale if scale > 0 else diff
+    return diff, scale
 
 
 def run_one(backend: str, variant: str, out: str, args, threads: str | None = None,

@@ -347,7 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-MODEL_JUDGES = ("llama-guard", "beaver-dam")
 
 
 def base_of_run(adapter: str) -> str:
@@ -391,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             args.model = base_of_run(args.adapter) if args.adapter else DEFAULT_MODEL
         model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype)
-        judge = make_judge(args.judge, args.judge_model) if args.judge in MODEL_JUDGES else make_judge(args.judge)
+        judge = make_judge(args.judge, args.judge_model)
     except (DataError, ModelLoadError, EmbeddedModelError) as exc:
         print(f"sap-dist eval: error: {exc}", file=sys.stderr)
         return 2

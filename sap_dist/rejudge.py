@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = read_answers(args.answers)
             if not args.out.endswith(".jsonl"):
                 raise DataError(f"--out {args.out}: the verdicts are written as JSON lines; name a .jsonl file")
-        judge = make_judge(args.judge, args.judge_model) if args.judge_model else make_judge(args.judge)
+        judge = make_judge(args.judge, args.judge_model)
     except DataError as exc:
         print(f"sap-dist judge: error: {exc}", file=sys.stderr)
         return 2
