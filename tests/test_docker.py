@@ -294,16 +294,19 @@ IMAGE_UID = 10001
 
 
 def _as_uid(uid: int, gid: int, runs: Path, *command: str) -> subprocess.CompletedProcess:
-    """The entrypoint started as uid:gid (what `docker run --user uid:gid` does) on `runs`."""
+    """The entrypoint started as uid:gid (what `docker run --user uid:gid` does) on `runs`,
+    from the copy `mounted` placed beside it (as the image installs it outside the checkout)."""
     env = dict(os.environ, SAP_RUNS_DIR=str(runs))
     prefix = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
-    return subprocess.run([*prefix, "sh", str(ENTRYPOINT), *command], capture_output=True, text=True, env=env,
-                          timeout=60)
+    return subprocess.run([*prefix, "sh", str(runs.parent / "sap-entrypoint"), *command], capture_output=True,
+                          text=True, env=env, timeout=60)
 
 
 @pytest.fixture
 def mounted():
-    """A directory any uid can reach (pytest's own tmp dirs are 0700), standing for ./runs."""
+    """A directory any uid can reach (pytest's own tmp dirs are 0700), standing for ./runs, with
+    the entrypoint copied beside it: the checkout itself may lie under a directory other uids
+    cannot enter (a clone in a 0700 mktemp directory)."""
     import tempfile
 
     if os.geteuid() != 0 or not shutil.which("setpriv"):
@@ -312,6 +315,8 @@ def mounted():
     top.chmod(0o755)
     runs = top / "runs"
     runs.mkdir(mode=0o755)
+    shutil.copy(ENTRYPOINT, top / "sap-entrypoint")
+    (top / "sap-entrypoint").chmod(0o755)
     yield runs
     shutil.rmtree(top)
 
