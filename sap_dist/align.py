@@ -7,7 +7,7 @@ safe-fine-tuning literature prepares its starting point, and measure the result.
    own answers become their targets (docs/pilot.md: foreign targets taught the pilot's aligned
    model to refuse harmless questions). An answer cut by the token limit is trimmed to its last
    full sentence; answers that are themselves refusals are left out.
-2. LoRA fine-tuning (the trainer, `sap.method=sft`) on harmful prompts -> refusals (the `align`
+2. LoRA fine-tuning (the trainer, `method=sft`) on harmful prompts -> refusals (the `align`
    pool of `builtin:harmful_train`) plus benign instructions -> those answers.
 3. The adapter is merged into the base weights and saved as a plain transformers model directory
    `DIR/model` (with the tokenizer): any `model.name_or_path` can point at it.
@@ -257,7 +257,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
         "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
         "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
         "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
-        "data.task": data_path, "data.max_length": s.max_length, "sap.method": "sft",
+        "data.task": data_path, "data.max_length": s.max_length, "method": "sft",
         "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
         "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
         "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,

@@ -45,12 +45,13 @@ def safety_pair_count(pairs: int, world_size: int) -> int:
     return -(-pairs // world_size) * world_size
 
 
-def safety_key(cfg: Config) -> tuple[str, int]:
-    """The config key and value of the global number of safety pairs per step: Lisa's
-    alignment batch (`lisa.batch_size`, null meaning `sap.safety_batch_size`) or SAP's."""
-    if cfg.sap.method == "lisa" and cfg.lisa.batch_size is not None:
-        return "lisa.batch_size", cfg.lisa.batch_size
-    return "sap.safety_batch_size", cfg.sap.safety_batch_size
+def safety_key(cfg: Config) -> tuple[str, int] | None:
+    """The config key and value of the global number of safety pairs per step, as the method
+    declares them (SAP's safety batch, Lisa's alignment batch); None for a method without."""
+    from sap_dist import methods
+
+    declared = methods.select(cfg.method).method.safety_pairs
+    return declared(cfg) if declared else None
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,17 @@ def effective_batches(cfg: Config, world_size: int) -> EffectiveBatches:
     if world_size < 1:
         raise ConfigError(f"the world size must be at least 1, got {world_size}")
     check_task_batch(cfg.train.batch_size, world_size)
+    from sap_dist import methods
+
+    method = methods.select(cfg.method).method
     probe: dict = {}
-    if cfg.sap.method == "sap":
-        fraction = cfg.sap.probe_batch_fraction
+    if method.probe_fraction is not None:
+        fraction = method.probe_fraction(cfg)
         probe = {"fraction": fraction, "probe_rows": probe_row_count(cfg.train.batch_size, fraction, world_size)}
     safety: dict = {}
-    if cfg.sap.method in ("sap", "lisa"):
-        key, asked = safety_key(cfg)
+    declared = safety_key(cfg)
+    if declared is not None:
+        key, asked = declared
         safety = {"safety_key": key, "safety_asked": asked, "safety_pairs": safety_pair_count(asked, world_size)}
     return EffectiveBatches(world_size, cfg.train.batch_size, **probe, **safety)
 

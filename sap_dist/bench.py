@@ -6,6 +6,8 @@ figure is the median over repeats. A block is `cycle` steps, the longest `probe_
 the methods, so a method that refreshes its probe every k steps is charged for the refresh.
 Lisa's alignment steps run once per `lisa.task_steps` task steps: each of its task steps is
 charged 1/task_steps of the last measured alignment phase (amortized, as a whole run pays it).
+Every registered method and term (`sap_dist.methods`) is measured, each term alone and with
+each method.
 Peak memory is measured per block: the process's peak resident set on CPU (reset through
 /proc/self/clear_refs), peak allocated memory on CUDA.
 Candidates (`--candidate NAME 'sap.key=value ...'`) are further SAP settings measured in the same
@@ -29,7 +31,9 @@ from dataclasses import asdict, replace
 
 import torch
 
-from sap_dist.config import Config, ConfigError, SapConfig, apply_overrides, load_config, validate
+from sap_dist import methods as registry
+from sap_dist.config import Config, ConfigError, apply_overrides, load_config, validate
+from sap_dist.methods import RunSetup, RunState
 
 PRESETS = {
     # the tiny config is exact at every step (for backend checks): probe every 2 steps on half the batch here
@@ -52,37 +56,44 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 """Dense bf16 peak of common cards, for model FLOP utilisation."""
 
 
-def methods_for(cfg: Config, candidates: dict[str, SapConfig] | None = None) -> dict[str, SapConfig]:
-    """The configurations compared: plain, SAP as configured (the default), both exact
-    variants (every step, whole batch), the Lisa baseline (settings from `cfg.lisa`), then the
+def methods_for(cfg: Config, candidates: dict[str, Config] | None = None) -> dict[str, Config]:
+    """The configurations compared, each `cfg` with another `method`: plain fine-tuning, SAP as
+    configured (the default), both exact SAP variants (every step, whole batch), every other
+    registered method and each term alone and with each method (`sap_dist.methods`), then the
     `candidates` (SAP settings by name)."""
     exact = dict(probe_every=1, probe_batch_fraction=1.0, safety_every=1)
-    sap = replace(cfg.sap, method="sap")
-    methods = {
-        "sft": replace(cfg.sap, method="sft"),
+    sap = replace(cfg, method="sap")
+    out = {
+        "sft": replace(cfg, method="sft"),
         "sap_default": sap,
-        "sap_paper_exact": replace(sap, variant="paper", **exact),
-        "sap_reference_exact": replace(sap, variant="reference", **exact),
-        "lisa": replace(cfg.sap, method="lisa"),
+        "sap_paper_exact": replace(sap, sap=replace(cfg.sap, variant="paper", **exact)),
+        "sap_reference_exact": replace(sap, sap=replace(cfg.sap, variant="reference", **exact)),
     }
-    taken = [name for name in candidates or {} if name in methods]
+    out |= {name: replace(cfg, method=name) for name in registry.names() if name not in ("sft", "sap")}
+    taken = [name for name in candidates or {} if name in out]
     if taken:
         raise ConfigError(f"--candidate {taken[0]}: the name of a method the bench always measures; choose another")
-    return methods | {name: replace(c, method="sap") for name, c in (candidates or {}).items()}
+    return out | dict(candidates or {})
 
 
-def block_steps(methods: dict[str, SapConfig]) -> int:
-    """Steps per measured block: whole refresh cycles of every method (the probe every
-    probe_every steps, the safety pass every probe_every * safety_every), so each SAP method is
-    charged its share of both in every block; the least common multiple, since with intervals
-    2 and 3 a block of 3 would hold one or two passes of the first by turns."""
-    return math.lcm(*(m.probe_every * (m.safety_every if m.method == "sap" else 1) for m in methods.values()))
+def block_steps(methods: dict[str, Config]) -> int:
+    """Steps per measured block: whole refresh cycles of every method (SAP: the probe every
+    probe_every steps, the safety pass every probe_every * safety_every), so each method is
+    charged its share of its refreshes in every block; the least common multiple, since with
+    intervals 2 and 3 a block of 3 would hold one or two passes of the first by turns. A method
+    whose recurring pass is amortised instead (Lisa's alignment phase) does not lengthen it."""
+    cycles = []
+    for m in methods.values():
+        selection = registry.select(m.method)
+        if selection.method.bench_amortized_pass is None:
+            cycles.append(selection.method.bench_cycle(selection.section(m)))
+    return math.lcm(*cycles)
 
 
-def candidate_config(cfg: Config, name: str, overrides: str) -> SapConfig:
-    """The SAP settings of candidate `name`: `cfg.sap` with `overrides` ('sap.key=value ...',
-    whitespace-separated) on top, validated with the rest of `cfg`. Only `sap.` keys: anything
-    else would change the model, data or batches the candidate is compared on."""
+def candidate_config(cfg: Config, name: str, overrides: str) -> Config:
+    """Candidate `name`: SAP with `cfg.sap` and `overrides` ('sap.key=value ...', whitespace-
+    separated) on top, validated with the rest of `cfg`. Only `sap.` keys: anything else would
+    change the model, data or batches the candidate is compared on."""
     items = overrides.split()
     if not items:
         raise ConfigError(f"--candidate {name}: no settings given (e.g. 'sap.safety_every=4')")
@@ -93,8 +104,9 @@ def candidate_config(cfg: Config, name: str, overrides: str) -> SapConfig:
                               "can differ between the methods of one bench)")
     changed = copy.deepcopy(cfg)  # overrides are set in place: cfg itself stays as it is
     apply_overrides(changed, items, f"--candidate {name}")
+    changed.method = "sap"
     validate(changed)
-    return changed.sap
+    return changed
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -122,7 +134,7 @@ def bench_setup(cfg: Config):
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    sap_cfg = replace(cfg, sap=replace(cfg.sap, method="sap"))
+    sap_cfg = replace(cfg, method="sap")
     task, _, safety, _ = _setup_data(sap_cfg, tokenizer, effective_batches(sap_cfg, 1))
     loading = prepare_loading(cfg.dist.backend, cfg.dist)
     model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
@@ -131,65 +143,75 @@ def bench_setup(cfg: Config):
     return tokenizer, task, safety, model, backend, probe, layers
 
 
-def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, SapConfig] | None = None) -> dict:
+def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, Config] | None = None) -> dict:
     """Measure every method of `methods_for(cfg, candidates)`; returns the bench.json content."""
+    from sap_dist.batching import safety_key, safety_pair_count
+    from sap_dist.methods.common import StepInputs
     from sap_dist.models import decoder_layers
     from sap_dist.probe import check_probe_layers
-    from sap_dist.sap import lisa_step, new_sap_state, sap_step, sft_step
-    from sap_dist.batching import safety_key, safety_pair_count
     from sap_dist.train import (Batches, _alignment_batch, _collate_safety, _collate_task, _probe_rows, _response_tokens,
                                 _setup_probe)
 
     tokenizer, task, safety, model, backend, default_probe, layers = bench_setup(cfg)
     methods = methods_for(cfg, candidates)
-    # one probe per set of probed layers (a probe that is not enabled leaves its layers' outputs as they are)
-    by_layers = {tuple(layers): default_probe}
-    probes = {}
-    for name, m in methods.items():
-        ids = tuple(check_probe_layers(m.probe_layers, len(decoder_layers(backend.unwrapped_model())))) \
-            if m.probe_layers is not None \
-            else tuple(layers)
-        if ids not in by_layers:
-            by_layers[ids] = _setup_probe(replace(cfg, sap=replace(m, probe_layers=list(ids))), backend)[0]
-        probes[name] = by_layers[ids]
-    states = {name: new_sap_state(probes[name], m) for name, m in methods.items()}
-    cycle = block_steps(methods)
-    task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
-    safety_batches = {size: Batches(safety, safety_pair_count(size, backend.world_size), cfg.train.seed + 1, backend.rank,
-                                    backend.world_size)
-                      for size in {m.safety_batch_size for m in methods.values()}}
-    lisa_cfg = replace(cfg, sap=replace(cfg.sap, method="lisa"))
-    align_pairs = safety_pair_count(safety_key(lisa_cfg)[1], backend.world_size)
-    align_batches = Batches(safety, align_pairs, cfg.train.seed + 1, backend.rank, backend.world_size)
-    last_align_time = [0.0]  # Lisa's last measured alignment phase (its first step always has one)
+    selections = {name: registry.select(m.method) for name, m in methods.items()}
     pad = tokenizer.pad_token_id
     dev = backend.device
+    # one probe per set of probed layers (a probe that is not enabled leaves its layers' outputs as they are)
+    by_layers = {tuple(layers): default_probe}
+    probes, states, terms = {}, {}, {}
+    for name, m in methods.items():
+        selection = selections[name]
+        if selection.method.uses_probe:
+            wanted = selection.section(m).probe_layers
+            ids = (tuple(check_probe_layers(wanted, len(decoder_layers(backend.unwrapped_model()))))
+                   if wanted is not None else tuple(layers))
+            if ids not in by_layers:
+                by_layers[ids] = _setup_probe(replace(m, sap=replace(m.sap, probe_layers=list(ids))), backend)[0]
+            probes[name] = by_layers[ids]
+        else:
+            probes[name] = None
+        setup = RunSetup(backend, probes[name], safety, pad, cfg.train.seed)
+        states[name] = RunState(selection.method.new_state(selection.section(m), setup))
+        terms[name] = []
+        for term in selection.terms:
+            states[name].terms[term.name], apply = term.build(getattr(m, term.section), setup)
+            terms[name].append(apply)
+    cycle = block_steps(methods)
+    task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
+    pair_batches = {}
+    for name, m in methods.items():
+        declared = safety_key(m)
+        if declared is not None:
+            size = safety_pair_count(declared[1], backend.world_size)
+            pair_batches.setdefault(size, Batches(safety, size, cfg.train.seed + 1, backend.rank, backend.world_size))
+    last_amortized = {name: 0.0 for name in methods}  # the last measured time of a once-per-cycle pass
 
     def one_step(name: str, index: int) -> tuple[float, dict, int]:
-        m = methods[name]
+        m, selection = methods[name], selections[name]
         rows = task_batches.global_batch(index)
         batch = _collate_task(task_batches.local(rows), pad, dev)
-        tokens = float(_response_tokens(rows))
+        inputs = StepInputs(backend, batch, float(_response_tokens(rows)), probe=probes[name], before_step=terms[name])
+        declared = safety_key(m)
+        if declared is not None:
+            pairs = pair_batches[safety_pair_count(declared[1], backend.world_size)]
+            inputs.safety_batch = lambda: _collate_safety(pairs.local(pairs.global_batch(index)), pad, dev)
+            inputs.alignment_batch = lambda i: _alignment_batch(pairs, i, pad, dev)
+        if selection.method.probe_fraction is not None:
+            probe_rows, inputs.probe_rows = _probe_rows(rows, selection.method.probe_fraction(m), backend.world_size)
+            inputs.probe_tokens = float(_response_tokens(probe_rows))
         t0 = time.perf_counter()
-        probe = probes[name]
-        if m.method == "sft":
-            metrics = sft_step(backend, probe, batch, tokens)
-        elif m.method == "lisa":
-            metrics = lisa_step(backend, batch, tokens, lambda i: _alignment_batch(align_batches, i, pad, dev), cfg.lisa,
-                                states[name])
-        else:
-            probe_rows, probe_local = _probe_rows(rows, m.probe_batch_fraction, backend.world_size)
-            pairs = safety_batches[m.safety_batch_size]
-            sb = _collate_safety(pairs.local(pairs.global_batch(index)), pad, dev)
-            metrics = sap_step(backend, probe, batch, sb, tokens, m, states[name], probe_local, float(_response_tokens(probe_rows)))
+        metrics = selection.method.step(inputs, selection.section(m), states[name].method)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
-        if m.method == "lisa":  # charge the alignment phase amortized over its cycle's task steps
-            if "time_align" in metrics:
-                last_align_time[0] = metrics["time_align"]
-            dt += last_align_time[0] / cfg.lisa.task_steps - metrics.get("time_align", 0.0)
-            metrics["time_align"] = last_align_time[0] / cfg.lisa.task_steps
+        amortized = selection.method.bench_amortized_pass
+        if amortized is not None:  # charge the once-per-cycle pass amortized over its cycle's steps
+            key, every = f"time_{amortized}", selection.method.bench_cycle(selection.section(m))
+            if key in metrics:
+                last_amortized[name] = metrics[key]
+            dt += last_amortized[name] / every - metrics.get(key, 0.0)
+            metrics[key] = last_amortized[name] / every
         return dt, metrics, sum(len(r["input_ids"]) for r in rows)
 
     samples: dict[str, dict[str, list]] = {n: {"time": [], "mem": [], "tokens": [], "passes": []} for n in methods}
@@ -224,11 +246,12 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, 
     for name, s in samples.items():
         passes = {k: statistics.median(p.get(k, 0.0) for p in s["passes"]) for k in sorted({k for p in s["passes"] for k in p})}
         step_time = statistics.median(s["time"])
+        m, selection = methods[name], selections[name]
         result["methods"][name] = {
-            "settings": {k: getattr(methods[name], k) for k in ("method", "variant", "probe_every", "probe_batch_fraction", "safety_every",
-                                                                  "safety_batch_size", "probe_relative_size")}
-                        | ({"probe_layers": probes[name].layer_ids} if methods[name].method == "sap" else {})
-                        | ({"lisa": asdict(cfg.lisa)} if methods[name].method == "lisa" else {}),
+            "settings": {"method": selection.name}
+                        | {section: asdict(getattr(m, section)) for section in
+                           ([selection.method.section] if selection.method.section else []) + [t.section for t in selection.terms]}
+                        | ({"probe_layers": probes[name].layer_ids} if probes[name] is not None else {}),
             "step_time_s": step_time, "tokens_per_s": statistics.median(s["tokens"]),
             "peak_memory_mb": statistics.median(s["mem"]), "time_ratio": step_time / base_time,
             "peak_memory_ratio": statistics.median(s["mem"]) / base_mem, "passes_s": passes,
@@ -318,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend:
         overrides.append(f"dist.backend={args.backend}")
 
-    def configs(cfg: Config) -> dict[str, SapConfig]:
+    def configs(cfg: Config) -> dict[str, Config]:
         names = [name for name, _ in args.candidate]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:

@@ -7,8 +7,8 @@ resumed ends with the weights an uninterrupted run ends with (see docs/reliabili
       step-00000040/                  complete: created only by renaming a finished temp dir
         meta.json                     format, step, config, world size, backend, data
                                       fingerprint, and every file with its size and SHA-256
-        trainer.pt                    step, tokens seen, step times, the SAP state (probe
-                                      AdamW, next/last probe, ...)
+        trainer.pt                    step, tokens seen, step times, the method's state (SAP's
+                                      probe AdamW and probe, a term's targets, ...)
         metrics.jsonl                 metrics rows of steps 1..40 (restored on resume, so the
                                       log never holds a row twice)
         rng/rank-00000.pt             each rank's RNG states (torch CPU/CUDA, python, numpy)
@@ -482,7 +482,7 @@ class StopRequest:
 
 
 # ------------------------------------------------------------------------------------------
-# RNG and SAP state
+# RNG and method state
 
 
 def rng_state() -> dict:
@@ -522,8 +522,27 @@ def _fields(state, per_rank: bool) -> list[dataclasses.Field]:
             if f.metadata.get("per_rank", False) == per_rank and f.metadata.get("checkpoint", True)]
 
 
-def sap_state_dict(state, per_rank: bool = False) -> dict:
-    """Every field of a method state (`sap.SapState`, `sap.LisaState`) in saveable form (an
+def method_state_dict(run_state, per_rank: bool = False) -> dict:
+    """Every part of a run's state (`methods.RunState`: the method's, each term's) in saveable
+    form, by part name: the shared fields, or with `per_rank` this rank's own."""
+    return {name: state_dict(part, per_rank) for name, part in run_state.parts().items()}
+
+
+def load_method_state(run_state, saved: dict, device: torch.device, per_rank: bool = False) -> None:
+    """Restore `method_state_dict`'s output into a freshly built run state of the same config."""
+    for name, part in run_state.parts().items():
+        if name not in saved:
+            raise CheckpointError(f"the checkpoint has no state of {name!r} (saved with another `method`)")
+        load_state(part, saved[name], device, per_rank)
+
+
+def has_per_rank_state(run_state) -> bool:
+    """Some part of the run's state keeps each rank's own shards."""
+    return any(_fields(part, per_rank=True) for part in run_state.parts().values())
+
+
+def state_dict(state, per_rank: bool = False) -> dict:
+    """Every field of one state dataclass (`SapState`, `LisaState`, a term's) in saveable form (an
     optimizer by its state_dict): the shared fields, or with `per_rank` this rank's own."""
     out = {}
     for f in _fields(state, per_rank):
@@ -550,17 +569,17 @@ def _to_home(value, on_cpu: bool, device: torch.device):
     return value.to("cpu" if on_cpu else device) if isinstance(value, torch.Tensor) else value
 
 
-def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = False) -> None:
-    """Restore `sap_state_dict`'s output into a freshly built state of the same config."""
+def load_state(state, saved: dict, device: torch.device, per_rank: bool = False) -> None:
+    """Restore `state_dict`'s output into a freshly built state of the same config."""
     names = [f.name for f in _fields(state, per_rank)]
     missing = [n for n in names if n not in saved]
     if missing:
-        raise CheckpointError(f"the checkpoint's SAP state lacks {missing} (written by another version of sap-dist)")
+        raise CheckpointError(f"the checkpoint's method state lacks {missing} (written by another version of sap-dist)")
     for name in names:
         current, value = getattr(state, name), saved[name]
         if isinstance(current, torch.optim.Optimizer):
             if not isinstance(value, dict) or "optimizer_state" not in value:
-                raise CheckpointError(f"the checkpoint's SAP state has no {name} (saved with another sap.variant)")
+                raise CheckpointError(f"the checkpoint's method state has no {name} (saved with another sap.variant)")
             current.load_state_dict(value["optimizer_state"])
         elif isinstance(value, torch.Tensor):
             setattr(state, name, _to_home(value, saved.get(name + _ON_CPU, [False])[0], device))
@@ -574,14 +593,14 @@ def load_sap_state(state, saved: dict, device: torch.device, per_rank: bool = Fa
             setattr(state, name, value)
 
 
-def check_pieces(state, shapes: list[torch.Size], where: str) -> None:
+def check_pieces(run_state, shapes: list[torch.Size], where: str) -> None:
     """Every per-rank field of a loaded method state holds one piece per local weight piece of
     this rank (`Backend.local_shapes`), each of that piece's shape (None: a piece without
     one). A checkpoint cut into other pieces (another partitioning, a rank file swapped) is
     refused here, naming the field: applied piece by piece it would be paired with the wrong
     weights, and extra pieces would be dropped without a word."""
     want = [tuple(s) for s in shapes]
-    for f in _fields(state, per_rank=True):
+    for state, f in ((part, f) for part in run_state.parts().values() for f in _fields(part, per_rank=True)):
         pieces = getattr(state, f.name)
         if pieces is None:
             continue
@@ -707,9 +726,9 @@ class Checkpointer:
         if out:
             raise CheckpointError(f"checkpoint {path} does not fit this run: " + "; ".join(out))
 
-    def resume(self, candidates: list[str], explicit: bool, sap_state) -> dict | None:
-        """Load the first usable checkpoint of `candidates`: the backend state, the SAP
-        state, this rank's RNG, and (rank 0) the metrics rows. Returns the trainer's progress
+    def resume(self, candidates: list[str], explicit: bool, run_state) -> dict | None:
+        """Load the first usable checkpoint of `candidates`: the backend state, the method's
+        state (`methods.RunState`), this rank's RNG, and (rank 0) the metrics rows. Returns the trainer's progress
         (`step`, `tokens_seen`, `step_times`, `path`), or None when there is nothing to resume.
         A partial or corrupt checkpoint is refused when named explicitly; under `auto` it is
         renamed *.corrupt and the one before is tried. A config mismatch is always refused."""
@@ -733,12 +752,12 @@ class Checkpointer:
             try:
                 self.backend.load_checkpoint(os.path.join(path, BACKEND))
                 trainer = torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=True)
-                load_sap_state(sap_state, trainer["sap_state"], self.backend.device)
-                if _fields(sap_state, per_rank=True):
+                load_method_state(run_state, trainer["method_state"], self.backend.device)
+                if has_per_rank_state(run_state):
                     rank_file = os.path.join(RANK_STATE_DIR, f"rank-{self.rank:05d}.pt")
                     mine = torch.load(os.path.join(path, rank_file), map_location="cpu", weights_only=True)
-                    load_sap_state(sap_state, mine, self.backend.device, per_rank=True)
-                    check_pieces(sap_state, self.backend.local_shapes(), f"checkpoint {path}: {rank_file}")
+                    load_method_state(run_state, mine, self.backend.device, per_rank=True)
+                    check_pieces(run_state, self.backend.local_shapes(), f"checkpoint {path}: {rank_file}")
                 set_rng_state(torch.load(os.path.join(path, RNG_DIR, f"rank-{self.rank:05d}.pt"), weights_only=True))
             except (CheckpointError, KeyboardInterrupt, SystemExit):
                 raise
@@ -790,7 +809,7 @@ class Checkpointer:
                                        + (f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else "")
                                        + f"{free}; it was removed, the previous checkpoint ({previous}) is intact")
 
-    def save(self, step: int, tokens_seen: int, step_times: list[float], sap_state) -> str:
+    def save(self, step: int, tokens_seen: int, step_times: list[float], run_state) -> str:
         """Write the checkpoint of the state after `step` steps; returns its path."""
         name = checkpoint_name(step)
         final = os.path.join(self.directory, name)
@@ -816,13 +835,13 @@ class Checkpointer:
         try:
             self.backend.save_checkpoint(os.path.join(tmp, BACKEND))
             save_synced(rng_state(), os.path.join(tmp, RNG_DIR, f"rank-{self.rank:05d}.pt"))
-            if _fields(sap_state, per_rank=True):
+            if has_per_rank_state(run_state):
                 os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
-                save_synced(sap_state_dict(sap_state, per_rank=True),
+                save_synced(method_state_dict(run_state, per_rank=True),
                             os.path.join(tmp, RANK_STATE_DIR, f"rank-{self.rank:05d}.pt"))
             if self.rank == 0:
                 save_synced({"step": step, "tokens_seen": tokens_seen, "step_times": list(step_times),
-                             "sap_state": sap_state_dict(sap_state)}, os.path.join(tmp, TRAINER))
+                             "method_state": method_state_dict(run_state)}, os.path.join(tmp, TRAINER))
                 metrics = os.path.join(self.output_dir, METRICS)
                 if os.path.exists(metrics):
                     shutil.copyfile(metrics, os.path.join(tmp, METRICS))

@@ -19,12 +19,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from sap_dist.errors import ConfigError  # re-exported: the error of every config check
+
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key or file."""
 
 
 @dataclass
@@ -92,87 +92,6 @@ class DataConfig:
     """Too-long examples: `truncate` cuts the prompt from the left (keeping its end and the
     chat template's assistant header) and then, if still too long, the response from the
     right; `drop` skips the example. Both are counted in the summary."""
-
-
-@dataclass
-class SapConfig:
-    method: Literal["sft", "sap", "lisa"] = "sap"
-    """`sft`: plain fine-tuning. `sap`: safety-aware probing (docs/SAP.md). `lisa`: the Lisa
-    baseline, alignment steps on the safe answers of `data.safety` alternated with task steps
-    under a proximal term (section `lisa`, docs/baselines.md)."""
-    variant: Literal["paper", "reference"] = "paper"
-    """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
-    reference code's lagged probe trained by its own AdamW, three passes."""
-    safety_loss: Literal["logsigmoid", "difference"] = "difference"
-    """`difference`: NLL(safe) - NLL(harmful) (paper v1; does not saturate). `logsigmoid`:
-    -log sigmoid((logp(safe) - logp(harmful)) / T) (reference code)."""
-    temperature: float = 1.0
-    """T of the logsigmoid loss."""
-    rho: float = 1e-2
-    """Perturbation radius relative to the trained weights' norm: dW = rho*||W||*g/||g||."""
-    probe_layers: Optional[list[int]] = None
-    """Decoder layers (0-based) whose outputs get a probe vector; None = the reference's
-    [3, 9] of 32 scaled to the model's depth."""
-    probe_step: Literal["beta", "relative"] = "relative"
-    """How the paper variant sizes V_safe: `beta` = beta*(u_harm - u_here) as written;
-    `relative` = the same direction per layer, rescaled so ||v_l|| equals
-    probe_relative_size times that layer's mean hidden-state norm per token."""
-    beta: float = 0.05
-    """Step size of the `beta` probe step."""
-    probe_relative_size: float = 0.05
-    """Probe norm per layer over the mean per-token hidden-state norm (`relative` step)."""
-    probe_lr: float = 0.05
-    """AdamW learning rate of the probe (`reference` variant)."""
-    safety_batch_size: int = 4
-    """Contrastive pairs per step (global, split over ranks). 4 pairs (8 sequences) cost about
-    one task pass of 8 rows on the quick bench; the safety direction is only used normalised."""
-    probe_every: int = 1
-    """Recompute the probe (safety direction and probe passes) every k steps and keep the
-    last probe in place for the steps between; 1 is the exact algorithm. The cost of the
-    extra passes is divided by k, but the probe is specific to the batch it was computed on:
-    on the quick experiment k=10 lost SAP's protection (docs/experiment.md), so k>1 is a
-    measured trade-off, not a default."""
-    probe_batch_fraction: float = 0.5
-    """Share of the global task batch (strided rows 0, B/P, 2B/P, ..., the same on every
-    world size; P must be a multiple of the ranks) on which the probe passes estimate u_harm
-    and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves the probe
-    passes and kept SAP's protection on the quick experiment; a quarter did not (over 5
-    validation seeds it lost about a fifth of it: the quarter's probe direction agrees with
-    the whole batch's at a median cosine of 0.33, the half's at 0.51)."""
-    safety_every: int = 4
-    """Recompute the safety direction g_hat (the safety pass: a forward and backward of the
-    safety batch) on every k-th perturbing step only, and perturb the steps between along the
-    stored direction, at the current size rho*||W||; u_harm, u_here and the probe are still
-    recomputed on every batch. 1 is exact (a fresh direction from each step's safety batch).
-    k>1 saves most of the safety pass's cost (quick bench: about 3.3x -> 2.4x plain
-    fine-tuning's step) for one fp32 copy of each rank's shard of the trained weights. Default 4, measured:
-    on the quick experiment the direction turns as much between two draws of safety pairs at
-    the same weights (cosine 0.50-0.56) as between directions 4 steps apart (0.49), so reusing
-    it for 4 steps adds no staleness the pair sampling does not already have, and over 5
-    validation seeds k=4 kept the protection of k=1 (docs/experiment.md). The log's
-    `safety_direction_cosine` shows how fast it turns on your run."""
-
-
-@dataclass
-class LisaConfig:
-    """Lisa (Huang et al. 2024, Bi-State Optimization): `align_steps` optimizer steps on the
-    alignment data, then `task_steps` task steps, repeated; every step adds the gradient of
-    (rho/2)*||W - W_anchor||^2, W_anchor being the trained weights at the last switch of state.
-    Alignment steps are extra: `train.max_steps`/`epochs` count task steps, so the task batches
-    are the other methods' and a run costs (align_steps + task_steps)/task_steps optimizer steps
-    per task step."""
-
-    align_steps: int = 2
-    """K1: alignment steps at the start of each cycle (before its task steps)."""
-    task_steps: int = 18
-    """K2: task steps per cycle. 2 and 18: a 1:9 split, alignment the small share as in the
-    paper's asymmetric setting (10% extra optimizer steps), at a cycle short enough for a
-    40-step run to go through three cycles."""
-    rho: float = 1.0
-    """Proximal coefficient: each step's gradient gets rho*(W - W_anchor) (Lisa's default 1)."""
-    batch_size: Optional[int] = None
-    """Alignment examples per alignment step, global (split over ranks): the (prompt, safe)
-    of that many `data.safety` pairs; null takes `sap.safety_batch_size`."""
 
 
 @dataclass
@@ -265,24 +184,41 @@ class CheckpointConfig:
     (computed in parallel, one share of the files per rank). Sizes are always checked."""
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model and how it is loaded."""
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
-    """Which weights are trained."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Task data and safety pairs."""
-    sap: SapConfig = field(default_factory=SapConfig)
-    """The method: plain fine-tuning, SAP or Lisa, and SAP's settings."""
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-    """The Lisa baseline's settings (used when `sap.method` is `lisa`)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation, output and logging."""
-    dist: DistributedConfig = field(default_factory=DistributedConfig)
-    """How the work is spread over processes and devices."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpoints, resume and preemption."""
+def _config_type() -> type:
+    """The run config: the fixed sections, the top-level `method` key, and one section per
+    registered method or term that has settings (`sap_dist.methods`), each a typed dataclass."""
+    from sap_dist import methods as registry
+
+    fixed = [("model", ModelConfig), ("weights", WeightsConfig), ("data", DataConfig)]
+    late = [("train", TrainConfig), ("dist", DistributedConfig), ("checkpoint", CheckpointConfig)]
+    fields = [(name, cls, field(default_factory=cls)) for name, cls in fixed]
+    fields.append(("method", str, field(default=DEFAULT_METHOD)))
+    fields += [(name, cls, field(default_factory=cls)) for name, cls, _ in registry.sections()]
+    fields += [(name, cls, field(default_factory=cls)) for name, cls in late]
+    config = dataclasses.make_dataclass("Config", fields)
+    config.__module__ = __name__
+    return config
+
+
+DEFAULT_METHOD = "sap"
+"""The `method` a config that names none trains with."""
+
+Config = _config_type()
+"""The run config (sections `model`, `weights`, `data`, the key `method`, the methods' own
+sections such as `sap`, `lisa`, `anchor`, then `train`, `dist`, `checkpoint`)."""
+
+SCALAR_KEYS = ("method",)
+"""Top-level keys that are values, not sections."""
+
+
+def method_key_doc() -> str:
+    """What the `method` key accepts, from the registry."""
+    from sap_dist import methods as registry
+
+    listed = "; ".join(f"`{m.name}`: {m.summary}" for m in registry.methods().values())
+    terms = "; ".join(f"`+{t.name}`: {t.summary}" for t in registry.terms().values())
+    return (f"The training method (sap_dist/methods/): {listed}. Add a term to a method's task steps with "
+            f"+NAME ({terms}); a term alone is plain fine-tuning plus it. Each reads its own section below.")
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,9 +226,10 @@ class Config:
 
 
 def all_keys(cfg_type: type = Config) -> list[str]:
-    """Every dotted key a config accepts, e.g. `sap.rho`."""
+    """Every key a config accepts, e.g. `method` and `sap.rho`."""
     hints = typing.get_type_hints(cfg_type)
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg_type) for f in dataclasses.fields(hints[s.name])]
+    return [s.name if s.name in SCALAR_KEYS else f"{s.name}.{f.name}" for s in dataclasses.fields(cfg_type)
+            for f in ([None] if s.name in SCALAR_KEYS else dataclasses.fields(hints[s.name]))]
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
@@ -358,6 +295,16 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key == "method":
+        from sap_dist import methods as registry
+
+        try:
+            cfg.method = registry.select(str(value)).name
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {where})") from None
+        return
+    if key == "sap.method":
+        raise ConfigError(f"sap.method in {where}: replaced by the top-level key `method` (method={value})")
     parts = key.split(".")
     if len(parts) != 2:
         raise _unknown_key_error(key, where)
@@ -401,6 +348,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not isinstance(raw, dict):
             raise ConfigError(f"{file}: expected a mapping of sections at the top level")
         for section, values in raw.items():
+            if section in SCALAR_KEYS:
+                _apply(cfg, str(section), values, file)
+                continue
             if not isinstance(values, dict):
                 raise _unknown_key_error(str(section), file) if not hasattr(cfg, str(section)) else ConfigError(
                     f"{file}: section {section!r} must be a mapping of keys"
@@ -453,40 +403,27 @@ def parse_overrides(argv: list[str]) -> list[str]:
 
 def validate(cfg: Config) -> None:
     """Checks that need more than one field's type."""
-    t, s, d = cfg.train, cfg.sap, cfg.data
-    for key, value in [("train.batch_size", t.batch_size), ("sap.safety_batch_size", s.safety_batch_size),
+    t, d = cfg.train, cfg.data
+    for key, value in [("train.batch_size", t.batch_size),
                        ("data.max_length", d.max_length), ("data.safety_max_length", d.safety_max_length),
                        ("weights.lora_r", cfg.weights.lora_r), ("train.log_every", t.log_every)]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    for key, value in [("sap.rho", s.rho), ("sap.beta", s.beta), ("sap.probe_relative_size", s.probe_relative_size),
-                       ("sap.probe_lr", s.probe_lr), ("sap.temperature", s.temperature),
-                       ("train.learning_rate", t.learning_rate), ("train.epochs", t.epochs)]:
+    for key, value in [("train.learning_rate", t.learning_rate), ("train.epochs", t.epochs)]:
         if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"train.max_steps must be at least 1, got {t.max_steps}")
-    if s.probe_every < 1:
-        raise ConfigError(f"sap.probe_every must be at least 1, got {s.probe_every}")
-    if s.safety_every < 1:
-        raise ConfigError(f"sap.safety_every must be at least 1, got {s.safety_every}")
-    if not 0 < s.probe_batch_fraction <= 1:
-        raise ConfigError(f"sap.probe_batch_fraction must be in (0, 1], got {s.probe_batch_fraction}")
     if cfg.checkpoint.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps must be 0 (off) or positive, got {cfg.checkpoint.every_steps}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}")
     if not 0 < cfg.dist.timeout_minutes:
         raise ConfigError(f"dist.timeout_minutes must be positive, got {cfg.dist.timeout_minutes}")
-    lisa = cfg.lisa
-    for key, value in [("lisa.align_steps", lisa.align_steps), ("lisa.task_steps", lisa.task_steps),
-                       ("lisa.batch_size", 1 if lisa.batch_size is None else lisa.batch_size)]:
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    if not lisa.rho >= 0:
-        raise ConfigError(f"lisa.rho must be 0 or positive, got {lisa.rho}")
-    if s.probe_layers is not None and not s.probe_layers:
-        raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
+    for section in dataclasses.fields(cfg):  # each method's and term's own section checks itself
+        check = getattr(getattr(cfg, section.name), "check", None)
+        if callable(check):
+            check()
     if d.task_limit is not None and d.task_limit < 1:
         raise ConfigError(f"data.task_limit must be at least 1 (or null for all rows), got {d.task_limit}")
     from sap_dist.data import MIN_PROMPT_TOKENS
@@ -513,6 +450,10 @@ def describe(cfg_type: type = Config) -> str:
     lines = []
     default = cfg_type()
     for section in dataclasses.fields(cfg_type):
+        if section.name in SCALAR_KEYS:
+            lines.append(f"{section.name} = {getattr(default, section.name)!r}  (str)")
+            lines.append("      " + method_key_doc())
+            continue
         section_obj = getattr(default, section.name)
         docs = _field_docs(type(section_obj))
         hints = typing.get_type_hints(type(section_obj))

@@ -1,7 +1,7 @@
 """`sap-dist check-equivalence`: do N ranks train what one process trains?
 
-Launches the real trainer once per backend and SAP variant (or other method, `--methods lisa`) (`torchrun --nproc_per_node N -m
-sap_dist.train ...`, the `single` reference as one plain process), every run on the same
+Launches the real trainer once per backend and case (each SAP variant, or another registered
+method, `--methods lisa,anchor,sap+anchor`) (`torchrun --nproc_per_node N -m sap_dist.train ...`, the `single` reference as one plain process), every run on the same
 model, data, seed and global batches, then compares each run's trained weights (the saved
 adapter or model) and last probe (`probe.pt`) with the `single` run of the same variant. It
 prints a table and exits non-zero when a run failed or a difference passes the tolerance.
@@ -29,7 +29,7 @@ DEFAULT_CONFIG = "tiny"
 
 DEFAULT_OVERRIDES = [
     "model.dtype=fp32",
-    "sap.method=sap",
+    "method=sap",
     "weights.lora_dropout=0.0",  # dropout masks differ per rank; equality needs none
     "train.tensorboard=false",
     "train.progress_bar=false",
@@ -65,14 +65,41 @@ def _env() -> dict:
     return env
 
 
-NO_PROBE_METHODS = ("lisa",)
-"""Methods compared as a case of their own (no SAP variant) and by their weights alone: they
-train no probe."""
+SAP_VARIANTS = ("paper", "reference")
+"""The variants of a probing method, each a case of its own."""
+
+
+def case_overrides(case: str) -> tuple[list[str], str | None]:
+    """(The trainer overrides of a case, its SAP variant or None for a method without a probe.)
+    A case is a SAP variant (`paper`: method sap), a method with a variant (`sap+anchor/paper`),
+    or a method without a probe (`lisa`, `anchor`), which is compared by its weights alone."""
+    from sap_dist import methods
+
+    method, _, variant = case.partition("/")
+    if method in SAP_VARIANTS and not variant:
+        method, variant = "sap", method
+    if methods.select(method).method.uses_probe:
+        return [f"method={method}", f"sap.variant={variant or 'paper'}"], variant or "paper"
+    return [f"method={method}"], None
+
+
+def cases_of(methods_asked: list[str], variants: list[str]) -> list[str]:
+    """The cases of `--methods` and `--variants`: a probing method once per variant (SAP by the
+    variant's name alone), any other method once."""
+    from sap_dist import methods
+
+    out = []
+    for name in methods_asked:
+        if methods.select(name).method.uses_probe:
+            out += [v if name == "sap" else f"{name}/{v}" for v in variants]
+        else:
+            out.append(name)
+    return out
 
 
 def command(backend: str, variant: str, out: str, args, setting: str = "exact") -> list[str]:
-    """The launch command for one run; `variant` is a SAP variant or a NO_PROBE_METHODS name."""
-    case = [f"sap.method={variant}"] if variant in NO_PROBE_METHODS else [f"sap.variant={variant}"]
+    """The launch command for one run of case `variant` (`case_overrides`)."""
+    case = case_overrides(variant)[0]
     train_args = ["--config", args.config or DEFAULT_CONFIG] + DEFAULT_OVERRIDES + case + [
         f"dist.backend={backend}",
         f"train.max_steps={args.steps}",
@@ -122,7 +149,7 @@ def probe(out: str, variant: str = "paper") -> tuple[list[torch.Tensor], float |
     with a sign set by the summation order, so the probe itself is not comparable across ranks
     element by element, while its input is."""
     saved = torch.load(os.path.join(out, "probe.pt"), map_location="cpu")
-    if variant == "reference" and isinstance(saved, dict) and saved.get("signal"):
+    if variant == "reference" and saved.get("signal"):
         return [torch.as_tensor(t) for t in saved["signal"]], float(saved["signal_scale"])
     return [torch.as_tensor(t) for t in saved["vectors"]], None
 
@@ -199,8 +226,9 @@ def parse_args(argv: list[str] | None):
                    help="comma-separated backends; `single` (the reference) is always run")
     p.add_argument("--variants", default="paper,reference", help="comma-separated SAP variants")
     p.add_argument("--methods", default="sap",
-                   help=f"comma-separated methods: `sap` (each of --variants) and {', '.join(NO_PROBE_METHODS)} "
-                   "(compared by the trained weights alone, under the `exact` setting only)")
+                   help="comma-separated values of the `method` key (sap_dist.methods: e.g. sap, lisa, anchor, "
+                   "sap+anchor): a probing method runs each of --variants, any other is compared by its trained "
+                   "weights alone, under the `exact` setting only")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"comma-separated SAP settings each variant runs under: {', '.join(SETTINGS)} "
                    "(shown in the table as variant@setting)")
@@ -222,13 +250,19 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from sap_dist import methods as registry
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("sap",) + NO_PROBE_METHODS]
+    bad = [m for m in methods if m not in registry.names()]
     if bad:
-        print(f"unknown method(s) {', '.join(bad)}; choose from sap, {', '.join(NO_PROBE_METHODS)}", file=sys.stderr)
+        print(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(registry.names())}", file=sys.stderr)
         return 2
-    variants = ([v.strip() for v in args.variants.split(",") if v.strip()] if "sap" in methods else [])
-    variants += [m for m in methods if m in NO_PROBE_METHODS]
+    asked = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if [v for v in asked if v not in SAP_VARIANTS]:
+        print(f"unknown variant(s) {', '.join(v for v in asked if v not in SAP_VARIANTS)}; choose from "
+              f"{', '.join(SAP_VARIANTS)}", file=sys.stderr)
+        return 2
+    variants = cases_of(methods, asked)
     from sap_dist.backends import BACKENDS
 
     unknown = [b for b in backends if b not in BACKENDS or b == "auto"]
@@ -247,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, failed = [], False
     # the SAP settings change nothing for a method without a probe: it runs once, as given
-    cases = [(v, x) for x in settings for v in variants if v not in NO_PROBE_METHODS or x == settings[0]]
+    cases = [(v, x) for x in settings for v in variants if case_overrides(v)[1] is not None or x == settings[0]]
     for variant, setting in cases:
         shown = variant if setting == "exact" else f"{variant}@{setting}"
         ref, floor = None, (0.0, 0.0)
@@ -274,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 try:
                     weights = trained_weights(out)
-                    pr = None if variant in NO_PROBE_METHODS else probe(out, variant)
+                    probe_variant = case_overrides(variant)[1]
+                    pr = None if probe_variant is None else probe(out, probe_variant)
                     if ref is None and backend == "single":
                         ref = (weights, pr)
                         row.update(weights=0.0, probe=0.0, status="reference")
@@ -330,7 +365,7 @@ def format_table(rows: list[dict], args) -> str:
     out = [f"\nequivalence vs single: {args.steps} steps, {args.nproc} processes, tolerance {args.tolerance:g}{rule}",
            line(head), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
-    if any(r["variant"].split("@")[0] == "reference" for r in rows):
+    if any(r["variant"].split("@")[0].endswith("reference") for r in rows):
         out.append("reference: the probe column compares u_harm - u_here, the input of its probe's AdamW step, "
                    "relative to max |u_harm| (docs/distributed.md)")
     return "\n".join(out)

@@ -55,28 +55,16 @@ from typing import Any
 
 import torch
 
+from sap_dist import methods as registry
 from sap_dist.experiment_data import prepare_data  # noqa: F401  (the experiment's steps, re-exported)
 from sap_dist.experiment_report import aggregate, compare_with_curve, make_plots, markdown_table, sft_curve
 from sap_dist.experiment_runs import eval_sets, run_one
 
-METHODS: dict[str, dict[str, Any]] = {
-    "sft": {"sap.method": "sft"},
-    "sap_paper": {"sap.method": "sap", "sap.variant": "paper"},
-    "sap_reference": {"sap.method": "sap", "sap.variant": "reference"},
-    "mix": {"sap.method": "sft"},
-    "lisa": {"sap.method": "lisa"},
-    # issue "SAP at 1.5x": the defaults recompute the safety direction every 4th step; the
-    # previous default, a fresh direction on every step, beside them
-    "sap_every_step": {"sap.method": "sap", "sap.variant": "paper", "sap.safety_every": 1},
-    # and a cheaper setting that loses part of the protection: u_harm/u_here from a strided
-    # quarter of the batch instead of half
-    "sap_fast": {"sap.method": "sap", "sap.variant": "paper", "sap.safety_every": 4,
-                 "sap.probe_batch_fraction": 0.25},
-}
-"""Trainer settings of each method (`mix` differs by its data, not by the trainer)."""
-METHOD_LABELS = {"sft": "plain fine-tuning", "sap_paper": "SAP (paper)", "sap_reference": "SAP (reference)",
-                 "mix": "safety-data mixing", "lisa": "Lisa", "sap_fast": "SAP, cheaper (probe on 1/4)",
-                 "sap_every_step": "SAP, safety direction every step"}
+METHODS: dict[str, dict[str, Any]] = {name: overrides for name, (_, overrides) in registry.experiment_methods().items()}
+METHODS["mix"] = {"method": "sft"}
+"""Trainer settings of each experiment method: those the method modules declare
+(`sap_dist.methods`), and `mix`, which differs from plain fine-tuning by its data only."""
+METHOD_LABELS = {name: label for name, (label, _) in registry.experiment_methods().items()} | {"mix": "safety-data mixing"}
 
 
 @dataclass

@@ -18,7 +18,9 @@ HARMFUL = ("harmful_score", "harmful_score_independent")
 COLORS = {"sft": "tab:red", "mix": "tab:orange", "sap_paper": "tab:blue", "sap_reference": "tab:green",
           "lisa": "tab:purple", "sap_fast": "tab:cyan",
           "sap_every_step": "tab:brown"}
-ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference"]
+ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference", "anchor", "sap_anchor",
+         "lisa_anchor"]
+"""The order of the table's rows (a method not named comes last)."""
 
 
 def _stats(values: list[float | None]) -> dict | None:

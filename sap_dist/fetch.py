@@ -62,7 +62,9 @@ def hub_datasets(cfg) -> list[tuple[str, str, str]]:
     from sap_dist.data import FILE_EXTENSIONS
 
     wanted = [("data.task", cfg.data.task, cfg.data.task_split)]
-    if cfg.sap.method in ("sap", "lisa"):  # sft never reads the safety pairs
+    from sap_dist import methods
+
+    if methods.select(cfg.method).reads_safety_data:  # plain sft never reads the safety pairs
         wanted.append(("data.safety", cfg.data.safety, cfg.data.safety_split))
     return [(key, name, split) for key, name, split in wanted
             if not name.startswith("builtin:") and os.path.splitext(name)[1].lower() not in FILE_EXTENSIONS

@@ -442,7 +442,7 @@ def overrides(s: Setup) -> list[str]:
     if key:
         out.append(f"{key}={str(s.activation_checkpointing).lower()}")
     if not s.sap:
-        out.append("sap.method=sft")
+        out.append("method=sft")
     return out
 
 
@@ -633,6 +633,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     batch_size = args.batch_size
     safety_batch_size = args.safety_batch_size
     if args.config:
+        from sap_dist import methods as registry
         from sap_dist.config import ConfigError, load_config
 
         try:
@@ -643,7 +644,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         base = dataclasses.replace(
             base, method=cfg.weights.method, dtype=cfg.model.dtype, lora_r=cfg.weights.lora_r,
             target_modules=list(cfg.weights.target_modules), seq_len=cfg.data.max_length,
-            safety_seq_len=cfg.data.safety_max_length, sap=cfg.sap.method == "sap",
+            safety_seq_len=cfg.data.safety_max_length,
+            sap=registry.select(cfg.method).method.plan_memory == "probe",
             probe_layers=len(cfg.sap.probe_layers) if cfg.sap.probe_layers else 2,
             safety_every=cfg.sap.safety_every,
             backend=cfg.dist.backend if cfg.dist.backend in ("zero3", "fsdp2") else base.backend,

@@ -43,10 +43,10 @@ def check(cfg: Config, world_size: int, env: dict | None = None, installed: bool
     if installed:
         check_backend_installed(backend)
     batches = effective_batches(cfg, world_size)
-    if cfg.sap.method == "sap" and cfg.train.max_steps is not None:
-        from sap_dist.train import _check_intervals
+    if cfg.train.max_steps is not None:
+        from sap_dist.train import _check_run_length
 
-        _check_intervals(cfg, cfg.train.max_steps)
+        _check_run_length(cfg, cfg.train.max_steps)
     found = deepspeed_warnings(cfg, backend, world_size, env) if backend in DEEPSPEED_BACKENDS else []
     return Preflight(backend, batches, found)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sap_dist.config import ConfigError
+from sap_dist.errors import ConfigError
 
 REFERENCE_LAYERS = (3, 9)
 """The reference code's probed layers, for a 32-layer model."""

@@ -6,13 +6,13 @@
 
 Reads top to bottom: resolve the config, prepare the output directory, load tokenizer,
 data and model, wrap the model in a backend, attach the probe, then loop over global
-batches taking one `sft_step`, `sap_step` or `lisa_step` each, logging every step, and save.
+batches taking one step of the configured method (`sap_dist.methods`) each, logging every
+step, and save.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -32,14 +32,16 @@ from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STO
                                  preempt_exit_code, watch_launcher, write_requeue_marker, checkpoint_dir,
                                  data_fingerprint, list_checkpoints,
                                  remove_checkpoints, resume_candidates)
-from sap_dist.config import Config, ConfigError, SapConfig, describe, load_config, parse_overrides, save_config, to_dict
+from sap_dist import methods
+from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
 from sap_dist import preflight
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.noise import quiet_third_party
 from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
 from sap_dist.run_files import clear_previous_run, share_run_files
-from sap_dist.sap import NonFiniteLossError, lisa_optimizer_steps, lisa_step, new_sap_state, sap_step, sft_step
+from sap_dist.methods import RunSetup
+from sap_dist.methods.common import NonFiniteLossError, StepInputs
 
 OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "adapter_config.json", "model.safetensors")
 """Files whose presence means an output directory already holds a run."""
@@ -137,10 +139,10 @@ def _setup_data(cfg: Config, tokenizer, batches: EffectiveBatches):
             f"train.batch_size={cfg.train.batch_size}"
         )
     safety, safety_stats = None, None
-    if batches.safety_pairs is not None:
+    if methods.select(cfg.method).reads_safety_data:
         pairs = data.load_safety_pairs(cfg.data.safety, cfg.data.safety_columns, cfg.data.safety_split)
         safety, safety_stats = data.encode_safety(tokenizer, pairs, cfg.data.safety_max_length, cfg.data.truncation)
-        if len(safety) < batches.safety_pairs:
+        if batches.safety_pairs is not None and len(safety) < batches.safety_pairs:
             rounded = f" (rounded up to {batches.safety_pairs} for {batches.world_size} ranks)" \
                 if batches.safety_pairs != batches.safety_asked else ""
             raise ConfigError(f"{cfg.data.safety}: {len(safety)} usable safety pairs, fewer than "
@@ -149,11 +151,10 @@ def _setup_data(cfg: Config, tokenizer, batches: EffectiveBatches):
 
 
 def _optimizer_step_index(cfg: Config, task_step: int) -> int:
-    """Index of the optimizer step that takes task step `task_step` (0-based): Lisa's
-    alignment steps come before it in the same optimizer and LR schedule."""
-    if cfg.sap.method != "lisa":
-        return task_step
-    return lisa_optimizer_steps(task_step + 1, cfg.lisa) - 1
+    """Index of the optimizer step that takes task step `task_step` (0-based): a method's extra
+    steps (Lisa's alignment steps) come before it in the same optimizer and LR schedule."""
+    selection = methods.select(cfg.method)
+    return selection.method.optimizer_steps(selection.section(cfg), task_step + 1) - 1
 
 
 def data_report(cfg: Config, task_stats, safety_stats) -> str:
@@ -175,28 +176,21 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * (n_examples // cfg.train.batch_size)))
 
 
-def _check_intervals(cfg: Config, total_steps: int) -> None:
-    """A refresh interval longer than the run means it never repeats: a mistake, refused. Not
-    when it equals the default (safety_every=4; the config cannot tell a default from the same
-    value given): a smoke test of 2 steps must not fail on a setting it never chose, and a
-    default longer than the run only means one safety pass."""
-    if cfg.sap.method != "sap":
-        return
-    defaults = {f.name: f.default for f in dataclasses.fields(SapConfig)}
-    for key, value in (("sap.probe_every", cfg.sap.probe_every), ("sap.safety_every", cfg.sap.safety_every)):
-        if value > total_steps and value != defaults[key.split(".")[1]]:
-            raise ConfigError(f"{key}={value} is more than the run's {total_steps} steps (train.max_steps / "
-                              f"train.epochs); lower {key} or train longer")
+def _check_run_length(cfg: Config, total_steps: int) -> None:
+    """The method's own checks of settings against the run's length (SAP: refresh intervals)."""
+    selection = methods.select(cfg.method)
+    selection.method.check_run(selection.section(cfg), total_steps)
 
 
 def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
-    if cfg.sap.method != "sap":
+    if not methods.select(cfg.method).method.uses_probe:
         return None, []
     from sap_dist.models import decoder_layers
 
     model = backend.unwrapped_model()
     layers = decoder_layers(model)
-    ids = (check_probe_layers(cfg.sap.probe_layers, len(layers)) if cfg.sap.probe_layers is not None
+    wanted = methods.select(cfg.method).section(cfg).probe_layers  # a probing method's section names them
+    ids = (check_probe_layers(wanted, len(layers)) if wanted is not None
            else default_probe_layers(len(layers)))
     hidden = model.config.hidden_size if hasattr(model, "config") else model.get_base_model().config.hidden_size
     return Probe(layers, ids, hidden, backend.device), ids
@@ -314,7 +308,7 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
     if rank == 0:
         print(data_report(cfg, task_stats, safety_stats), file=sys.stderr, flush=True)
     total_steps = _total_steps(cfg, len(task))
-    _check_intervals(cfg, total_steps)  # again: an epochs-based length is known only now
+    _check_run_length(cfg, total_steps)  # again: an epochs-based length is known only now
 
     # The backend is chosen (and the process group joined) before the model is loaded, so a
     # sharding backend gets it built sharded: no rank holds the whole model (issue 3).
@@ -325,7 +319,14 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
                           total_steps=_optimizer_step_index(cfg, total_steps - 1) + 1, schedule=cfg.train.lr_schedule)
     backend = loading.wrap(model, optim)
     probe, probe_layers = _setup_probe(cfg, backend)
-    state = new_sap_state(probe, cfg.sap)  # a LisaState for `lisa`
+    selection = methods.select(cfg.method)
+    section = selection.section(cfg)
+    setup = RunSetup(backend, probe, safety, tokenizer.pad_token_id, cfg.train.seed)
+    state = methods.RunState(selection.method.new_state(section, setup))
+    term_steps = []
+    for term in selection.terms:  # before any step: a term's targets come from the start weights
+        state.terms[term.name], apply = term.build(getattr(cfg, term.section), setup)
+        term_steps.append(apply)
     torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data
     # Resume: backend state, SAP state, this rank's RNG and the metrics rows of the newest
     # usable checkpoint. The data position is the step itself (Batches depends on step and seed).
@@ -339,12 +340,12 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
 
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     safety_batches = (Batches(safety, batches.safety_pairs, cfg.train.seed + 1, backend.rank, backend.world_size)
-                      if safety else None)
+                      if batches.safety_pairs is not None else None)
     log = MetricsLog(out, backend.rank == 0, cfg.train.tensorboard, cfg.train.wandb, cfg.train.wandb_project, to_dict(cfg),
                      purge_step=start_step + 1 if resumed else None)
     pad_id = tokenizer.pad_token_id
     progress = tqdm(total=total_steps, initial=start_step, disable=backend.rank != 0 or not cfg.train.progress_bar,
-                    desc=f"{cfg.sap.method}" + (f"/{cfg.sap.variant}" if cfg.sap.method == "sap" else ""))
+                    desc=selection.label(cfg))
 
     status, stop_message, step = "completed", None, start_step
     tokens_seen, step_times = (resumed["tokens_seen"], resumed["step_times"]) if resumed else (0, [])
@@ -355,16 +356,15 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
             rows = task_batches.global_batch(step)
             global_tokens = _response_tokens(rows)
             batch = _collate_task(task_batches.local(rows), pad_id, backend.device)
-            if cfg.sap.method == "sap":
-                safety_rows = safety_batches.local(safety_batches.global_batch(step))
-                probe_rows, probe_local = _probe_rows(rows, cfg.sap.probe_batch_fraction, backend.world_size)
-                metrics = sap_step(backend, probe, batch, _collate_safety(safety_rows, pad_id, backend.device),
-                                   float(global_tokens), cfg.sap, state, probe_local, float(_response_tokens(probe_rows)))
-            elif cfg.sap.method == "lisa":
-                metrics = lisa_step(backend, batch, float(global_tokens),
-                                    lambda i: _alignment_batch(safety_batches, i, pad_id, backend.device), cfg.lisa, state)
-            else:
-                metrics = sft_step(backend, probe, batch, float(global_tokens))
+            inputs = StepInputs(backend, batch, float(global_tokens), probe=probe, before_step=term_steps)
+            if safety_batches is not None:
+                inputs.safety_batch = lambda: _collate_safety(safety_batches.local(safety_batches.global_batch(step)),
+                                                              pad_id, backend.device)
+                inputs.alignment_batch = lambda i: _alignment_batch(safety_batches, i, pad_id, backend.device)
+            if batches.probe_rows is not None:
+                probe_rows, inputs.probe_rows = _probe_rows(rows, batches.fraction, backend.world_size)
+                inputs.probe_tokens = float(_response_tokens(probe_rows))
+            metrics = selection.method.step(inputs, section, state.method)
             step_time = time.perf_counter() - t0
             step_times.append(step_time)
             if not math.isfinite(float(backend.weight_sq_norm())):
@@ -413,14 +413,14 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
             record_base(out, cfg.model)  # a base that loads anywhere, not this machine's cache path
             share_run_files(out)  # the user's umask, not transformers' 0600
     if probe is not None and backend.rank == 0 and status not in ("preempted", "diverged"):
-        torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.last_probe],
-                    "signal": state.last_probe_signal, "signal_scale": state.last_probe_signal_scale},
+        torch.save({"layers": probe_layers, "vectors": [v.cpu() for v in state.method.last_probe],
+                    "signal": state.method.last_probe_signal, "signal_scale": state.method.last_probe_signal_scale},
                    os.path.join(out, "probe.pt"))
     summary = {
         "status": status,
         "message": stop_message,
-        "method": cfg.sap.method,
-        "variant": cfg.sap.variant if cfg.sap.method == "sap" else None,
+        "method": selection.name,
+        "variant": selection.method.variant(section) if selection.method.variant else None,
         "backend": type(backend).__name__,
         "world_size": backend.world_size,
         "probe_layers": probe_layers,
@@ -438,7 +438,7 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
         "tokens_per_s": tokens_seen / sum(step_times) if step_times else None,
         "wall_time_s": time.time() - started,
         "peak_memory_mb": peak_memory_mb(backend.device),
-        "perturbation_warning": getattr(state, "perturbation_warning", None),
+        "perturbation_warning": getattr(state.method, "perturbation_warning", None),
         "resumed_from": resumed["path"] if resumed else None,
         "last_checkpoint": checkpointer.last_saved,
         "output_dir": os.path.abspath(out),

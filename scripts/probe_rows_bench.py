@@ -31,7 +31,8 @@ def main() -> None:
 
     from sap_dist.bench import bench_setup
     from sap_dist.config import load_config
-    from sap_dist.sap import _probe_pass, select_rows
+    from sap_dist.methods.common import select_rows
+    from sap_dist.methods.sap import _probe_pass
     from sap_dist.train import Batches, _collate_task, _probe_rows, _response_tokens
 
     cfg = load_config(args.config, [])

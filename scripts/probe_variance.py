@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import replace
 
 import torch
 
@@ -42,17 +41,18 @@ def main() -> None:
 
     from sap_dist.bench import bench_setup
     from sap_dist.config import load_config
-    from sap_dist.sap import (_probe_pass, _rng_state, _set_rng_state, harmful_direction, new_sap_state, sap_step,
-                              select_rows)
+    from sap_dist.methods.common import rng_state as _rng_state, set_rng_state as _set_rng_state
+    from sap_dist.methods.common import select_rows
+    from sap_dist.methods.sap import _probe_pass, harmful_direction, sap_state, sap_step
     from sap_dist.train import Batches, _collate_safety, _collate_task, _probe_rows, _response_tokens
 
     cfg = load_config(args.config, args.overrides)
-    sap = replace(cfg.sap, method="sap")
+    sap = cfg.sap
     tokenizer, task, safety, _, backend, probe, layers = bench_setup(cfg)
     pad, dev = tokenizer.pad_token_id, backend.device
     batches = Batches(task, cfg.train.batch_size, cfg.train.seed, 0, 1)
     pairs = Batches(safety, sap.safety_batch_size, cfg.train.seed + 1, 0, 1)
-    state = new_sap_state(probe, sap)
+    state = sap_state(probe, sap)
 
     def direction(index: int) -> list[torch.Tensor]:
         """g/|g| from the safety pairs of step `index`, at the current weights (a copy)."""

@@ -18,18 +18,23 @@ def test_methods_compared():
                                "sap.safety_every=2"])
     methods = methods_for(cfg)
     assert methods["sft"].method == "sft"
-    assert (methods["sap_default"].probe_every, methods["sap_default"].variant) == (4, "reference")
+    assert methods["sap_default"].method == "sap"
+    assert (methods["sap_default"].sap.probe_every, methods["sap_default"].sap.variant) == (4, "reference")
     for name in ("sap_paper_exact", "sap_reference_exact"):
-        assert methods[name].probe_every == 1 and methods[name].probe_batch_fraction == 1.0
-        assert methods[name].safety_every == 1
+        assert methods[name].sap.probe_every == 1 and methods[name].sap.probe_batch_fraction == 1.0
+        assert methods[name].sap.safety_every == 1
     assert methods["lisa"].method == "lisa"
+    # every registered term, alone and with each method
+    assert {"anchor", "sap+anchor", "lisa+anchor"} <= set(methods)
 
 
 def test_bench_reports_every_method_with_its_passes(tmp_path):
     cfg = load_config("tiny", [f"train.output_dir={tmp_path}", "sap.probe_every=2"])
     result = run_bench(cfg, repeats=2, warmup=0)
     m = result["methods"]
-    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa"}
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "anchor", "sap+anchor",
+                      "lisa+anchor"}
+    assert m["sap+anchor"]["settings"]["anchor"]["prompts"] == cfg.anchor.prompts
     # Lisa: every task step charged its share of the alignment phase (the first block has one)
     assert set(m["lisa"]["passes_s"]) == {"align", "train"} and m["lisa"]["passes_s"]["align"] > 0
     assert m["lisa"]["settings"]["lisa"]["task_steps"] == cfg.lisa.task_steps
@@ -56,9 +61,10 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     assert cfg.sap.probe_layers == [1, 2] and cfg.sap.safety_every == 1  # not changed in place
     result = run_bench(cfg, repeats=1, warmup=0, candidates={"top": top})
     m = result["methods"]
-    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "top"}
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "anchor", "sap+anchor",
+                      "lisa+anchor", "top"}
     assert m["top"]["settings"]["probe_layers"] == [3] and m["sap_default"]["settings"]["probe_layers"] == [1, 2]
-    assert m["top"]["settings"]["safety_every"] == 2 and m["top"]["settings"]["safety_batch_size"] == 2
+    assert m["top"]["settings"]["sap"]["safety_every"] == 2 and m["top"]["settings"]["sap"]["safety_batch_size"] == 2
     assert result["steps_per_block"] == 2  # the candidate's safety interval sets the block for every method
     from sap_dist.bench import block_steps, methods_for
 

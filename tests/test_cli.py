@@ -102,7 +102,7 @@ def test_every_subcommand_keeps_third_party_noise_off_the_console(tmp_path):
     env.pop("SAP_DIST_VERBOSE", None)
     run = tmp_path / "run"  # an adapter: loading it imports peft, and with it bitsandbytes
     trained = subprocess.run([sys.executable, "-m", "sap_dist.train", "--config", "tiny", f"train.output_dir={run}",
-                              "train.progress_bar=false", "train.max_steps=1", "sap.method=sft"],
+                              "train.progress_bar=false", "train.max_steps=1", "method=sft"],
                              env=env, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     cmd = [sys.executable, "-m", "sap_dist.cli", "eval", "--adapter", str(run), "--harmful-prompts",

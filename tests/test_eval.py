@@ -301,7 +301,7 @@ def test_eval_of_a_run_takes_its_base_model_from_the_run(tmp_path):
 
     out = tmp_path / "run"
     run(load_config("tiny", [f"train.output_dir={out}", "train.progress_bar=false", "train.max_steps=1",
-                             "sap.method=sft"]))
+                             "method=sft"]))
     results = tmp_path / "results.json"
     assert eval_main(["--adapter", str(out), "--dtype", "fp32", "--limit", "1", "--max-new-tokens", "2",
                       "--out", str(results)]) == 0

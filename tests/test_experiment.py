@@ -95,7 +95,7 @@ def test_every_method_is_a_valid_trainer_config(tmp_path):
 
     assert replace(cfgs["sap_fast"].sap, probe_batch_fraction=0.5) == cfgs["sap_paper"].sap
     assert replace(cfgs["sap_every_step"].sap, safety_every=4) == cfgs["sap_paper"].sap
-    assert cfgs["lisa"].sap.method == "lisa" and cfgs["sft"].sap.method == "sft"
+    assert cfgs["lisa"].method == "lisa" and cfgs["sft"].method == "sft"
 
 
 def test_sft_curve_and_distance_below_it():
@@ -287,7 +287,7 @@ def test_code_fingerprint_follows_the_source(tmp_path):
     assert code_fingerprint(str(copy)) == code_fingerprint() and len(code_fingerprint()) == 12
     (copy / "bundled" / "notes.txt").write_text("data and notes are not code")
     assert code_fingerprint.__wrapped__(str(copy)) == code_fingerprint()
-    step = copy / "sap.py"
+    step = copy / "methods" / "sap.py"
     step.write_bytes(step.read_bytes() + b"\n# one more line\n")
     assert code_fingerprint.__wrapped__(str(copy)) != code_fingerprint()
 

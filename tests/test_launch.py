@@ -203,7 +203,7 @@ def test_fetch_model_asks_only_for_the_hub_datasets_a_run_loads(tmp_path):
     assert hub_datasets(load_config("tiny", [f"data.task={tmp_path}"])) == []  # a directory: loaded locally
     both = load_config("tiny", ["data.task=acme/task", "data.task_split=sft", "data.safety=acme/pairs"])
     assert hub_datasets(both) == [("data.task", "acme/task", "sft"), ("data.safety", "acme/pairs", "train")]
-    sft = load_config("tiny", ["data.safety=acme/pairs", "sap.method=sft"])
+    sft = load_config("tiny", ["data.safety=acme/pairs", "method=sft"])
     assert hub_datasets(sft) == []
     usage = " ".join(_fetch("--help").stdout.split())
     assert "hub data sets (data.task, and data.safety for sap and lisa)" in usage and "builtin:" in usage

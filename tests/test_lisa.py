@@ -1,4 +1,4 @@
-"""The Lisa baseline (`sap.method=lisa`): its proximal gradient, its alternation of alignment
+"""The Lisa baseline (`method=lisa`): its proximal gradient, its alternation of alignment
 and task steps, and a whole run against a reference written here without sap_dist's step code
 (autograd gradients, the proximal term added by hand, torch's AdamW)."""
 
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from sap_dist.backends import OptimizerSpec
 from sap_dist.backends.single import SingleBackend
-from sap_dist.config import ConfigError, LisaConfig, load_config
-from sap_dist.sap import LisaState, lisa_optimizer_steps, lisa_step
+from sap_dist.config import ConfigError, load_config
+from sap_dist.methods.lisa import LisaConfig
+from sap_dist.methods.lisa import LisaState, lisa_optimizer_steps, lisa_step
 from test_sap_step import batch, tiny_lora_model, tokens_of, trained
 
 LR = 1e-2
@@ -109,13 +110,13 @@ def test_lisa_steps_match_the_stated_algorithm():
 
 
 def test_lisa_config_keys_and_validation():
-    cfg = load_config("tiny", ["sap.method=lisa", "lisa.align_steps=3", "lisa.task_steps=7", "lisa.rho=0.5",
+    cfg = load_config("tiny", ["method=lisa", "lisa.align_steps=3", "lisa.task_steps=7", "lisa.rho=0.5",
                                "lisa.batch_size=2"])
     assert (cfg.lisa.align_steps, cfg.lisa.task_steps, cfg.lisa.rho, cfg.lisa.batch_size) == (3, 7, 0.5, 2)
-    assert load_config("tiny", ["sap.method=lisa"]).lisa.batch_size is None  # sap.safety_batch_size
+    assert load_config("tiny", ["method=lisa"]).lisa.batch_size is None  # sap.safety_batch_size
     for bad in ("lisa.align_steps=0", "lisa.task_steps=0", "lisa.rho=-1", "lisa.batch_size=0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            load_config("tiny", ["sap.method=lisa", bad])
+            load_config("tiny", ["method=lisa", bad])
     assert lisa_optimizer_steps(1, LisaConfig(align_steps=2, task_steps=18)) == 3
     assert lisa_optimizer_steps(40, LisaConfig(align_steps=2, task_steps=18)) == 46
 

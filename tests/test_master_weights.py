@@ -9,9 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sap_dist.backends import OptimizerSpec
 from sap_dist.backends.single import SingleBackend
-from sap_dist.config import SapConfig
+from sap_dist.methods.sap import SapConfig
 from sap_dist.probe import Probe
-from sap_dist.sap import new_sap_state, sap_step, sft_step
+from sap_dist.methods.sap import sap_state, sap_step
+from sap_dist.methods.sft import sft_step
 from test_sap_step import batch, safety_batch, tokens_of
 
 LR = 1e-5
@@ -83,7 +84,7 @@ def _sap_first_step(rho: float) -> tuple[dict, str | None, float]:
     half_spacing = bf16_half_spacing(backend.params)
     cfg = SapConfig(rho=rho, probe_layers=[1])
     probe = Probe(model.model.layers, cfg.probe_layers, model.config.hidden_size, torch.device("cpu"))
-    state = new_sap_state(probe, cfg)
+    state = sap_state(probe, cfg)
     metrics = sap_step(backend, probe, batch(2), safety_batch(3), tokens_of(batch(2)), cfg, state)
     return metrics, state.perturbation_warning, half_spacing
 

@@ -34,7 +34,7 @@ from sap_dist.train import main as train_main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 """Optimizer steps per run."""
-COMMON = ["--config", "tiny", "train.progress_bar=false", "sap.method=sap", "sap.variant=reference",
+COMMON = ["--config", "tiny", "train.progress_bar=false", "method=sap", "sap.variant=reference",
           "weights.lora_dropout=0.1", "train.lr_schedule=linear", "train.warmup_steps=2",
           "checkpoint.every_steps=2", "checkpoint.keep_last=3"]
 REL_TOL = 1e-6
@@ -469,7 +469,7 @@ def _rewrite_rank_state(ckpt: str, edit) -> None:
 
 
 @pytest.mark.parametrize("method, field", [("sap.safety_every=3", "safety_direction"),
-                                           ("sap.method=lisa", "anchor")])
+                                           ("method=lisa", "anchor")])
 def test_per_rank_state_cut_into_other_pieces_is_refused(method, field, tmp_path, capsys):
     """The per-rank state (SAP's stored safety direction, Lisa's anchor) holds one piece per
     local weight piece of its rank. A checkpoint whose pieces do not fit this rank's weights
@@ -481,11 +481,13 @@ def test_per_rank_state_cut_into_other_pieces_is_refused(method, field, tmp_path
     run = Run("single", ref, *overrides)
     assert run.wait() == 0, run.tail()
 
-    def extra(st):
+    def extra(saved):
+        st = saved["method"]  # the method's part of the run's state (a term's would be beside it)
         st[field].append(st[field][-1].clone())
         st[f"{field}__on_cpu"].append(True)  # where the pieces live, one flag each
 
-    def short(st):
+    def short(saved):
+        st = saved["method"]
         st[field][0] = st[field][0].reshape(-1)[:-1].clone()
 
     edits = {"one piece too many": extra, "a piece one element short": short}
@@ -508,7 +510,7 @@ def test_lisa_resumes_in_the_middle_of_a_cycle(tmp_path):
     restored) against the anchor saved at the end of step 1's alignment (this rank's
     rank_state file), and ends bitwise equal to the uninterrupted run. rho=50 makes the
     proximal term large enough that a wrong anchor changes the weights."""
-    lisa = ["sap.method=lisa", "lisa.align_steps=1", "lisa.task_steps=3", "lisa.rho=50"]
+    lisa = ["method=lisa", "lisa.align_steps=1", "lisa.task_steps=3", "lisa.rho=50"]
     ref = str(tmp_path / "ref")
     run = Run("single", ref, *lisa)
     assert run.wait() == 0, run.tail()

@@ -1,7 +1,7 @@
 """The SAP step against an independent computation from torch.autograd.grad (in float64 where
 the step cancels nearly equal gradients), on a tiny fp32 Llama with LoRA. The reference
 computation here implements the probe as a bias on `mlp.down_proj` and the optimizer by
-hand-built AdamW, so it shares no code with sap_dist.sap.
+hand-built AdamW, so it shares no code with sap_dist.methods.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from sap_dist.backends import OptimizerSpec
 from sap_dist.backends.single import SingleBackend
-from sap_dist.config import SapConfig
+from sap_dist.methods.sap import SapConfig
 from sap_dist.probe import Probe
-from sap_dist.sap import new_sap_state, sap_step, sft_step
+from sap_dist.methods.sap import sap_state, sap_step
+from sap_dist.methods.sft import sft_step
 
 LAYERS = [1, 2]
 LR = 1e-2
@@ -156,7 +157,7 @@ def pick(b, idx):
 def run_sap(model, cfg: SapConfig, batches, probe_rows: list[int] | None = None):
     backend = SingleBackend(model, OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS))
     probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
-    state = new_sap_state(probe, cfg)
+    state = sap_state(probe, cfg)
     probes, metrics = [], []
     idx = torch.tensor(probe_rows) if probe_rows else None
     for tb, sb in batches:
@@ -353,10 +354,10 @@ def test_a_non_finite_safety_gradient_makes_a_plain_step_and_is_retried(variant,
     spec = OptimizerSpec(lr=LR, weight_decay=0.01, max_grad_norm=0.0, eps=EPS)
     backend = SingleBackend(model, spec)
     probe = Probe(layers_of(model), LAYERS, 32, torch.device("cpu"))
-    state = new_sap_state(probe, cfg)
+    state = sap_state(probe, cfg)
     model.register_forward_hook(nan_gradient_in_forward_of(data[bad][1]["input_ids"]), with_kwargs=True)
     metrics = []
-    with caplog.at_level("WARNING", logger="sap_dist.sap"):
+    with caplog.at_level("WARNING", logger="sap_dist.methods.sap"):
         for step, (tb, sb) in enumerate(data):
             if step == bad:
                 backend.save_checkpoint(str(tmp_path / "before"))
@@ -459,7 +460,7 @@ def test_perturb_then_restore_is_bitwise(dtype):
 def test_saturated_logsigmoid_still_gives_the_direction():
     """A margin of thousands of nats makes -logsigmoid's gradient underflow to exactly zero;
     the step's surrogate keeps its direction: -grad(margin) / |grad(margin)|."""
-    from sap_dist.sap import harmful_direction
+    from sap_dist.methods.sap import harmful_direction
 
     cfg = SapConfig(safety_loss="logsigmoid", temperature=1e-4, rho=0.1)
     model = tiny_lora_model()
@@ -522,7 +523,7 @@ def test_loss_on_response_positions_only_equals_full_logits(wrap):
     """The loss computes logits only where some row predicts a response token; with prompts of
     different lengths per row (and a model that does not take `logits_to_keep`) its value and
     gradient equal the full-logits computation's."""
-    from sap_dist.sap import task_loss
+    from sap_dist.methods.common import task_loss
 
     model = tiny_lora_model()
     b = batch(5, n=3, length=12)
@@ -545,7 +546,7 @@ def test_a_rounded_away_perturbation_is_warned_once(variant, caplog):
     realised and intended sizes; a normal rho does not warn."""
     tiny_rho = SapConfig(variant=variant, rho=1e-12, probe_layers=LAYERS)
     data = [(batch(1), safety_batch(2)), (batch(3), safety_batch(4))]
-    with caplog.at_level("WARNING", logger="sap_dist.sap"):
+    with caplog.at_level("WARNING", logger="sap_dist.methods.sap"):
         _, state = run_sap(tiny_lora_model(), tiny_rho, data, [0, 2])
     assert state.perturbation_warning is not None and "rounded away" in state.perturbation_warning
     assert "SAP step 1" in state.perturbation_warning
@@ -612,7 +613,7 @@ def test_safety_every_perturbs_along_the_stored_direction_at_the_current_weight_
 
 def test_reuse_step_applies_rho_times_current_norm_times_stored_direction():
     """The backend-level contract: on a reuse step W_perturbed - W = rho*||W_now||*d_stored."""
-    from sap_dist.sap import SapState, _perturb_along_stored_direction
+    from sap_dist.methods.sap import SapState, _perturb_along_stored_direction
 
     model = tiny_lora_model()
     backend = SingleBackend(model, OptimizerSpec())

@@ -26,7 +26,7 @@ def tiny(tmp_path, *overrides):
 @pytest.mark.parametrize("method", ["sft", "sap-paper", "sap-reference"])
 def test_tiny_run_writes_the_output_directory(tmp_path, method):
     name, _, variant = method.partition("-")
-    cfg = tiny(tmp_path, f"sap.method={name}", f"sap.variant={variant or 'paper'}", "train.tensorboard=true")
+    cfg = tiny(tmp_path, f"method={name}", f"sap.variant={variant or 'paper'}", "train.tensorboard=true")
     summary = run(cfg)
     for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml",
               "metrics.jsonl", "summary.json"):
@@ -47,8 +47,8 @@ def test_tiny_run_writes_the_output_directory(tmp_path, method):
 
 def test_sap_and_sft_train_differently(tmp_path):
     """Same seed and data: the probe must change the weights SAP ends with."""
-    run(tiny(tmp_path / "sft", "sap.method=sft"))
-    run(tiny(tmp_path / "sap", "sap.method=sap", "sap.probe_relative_size=0.5"))
+    run(tiny(tmp_path / "sft", "method=sft"))
+    run(tiny(tmp_path / "sap", "method=sap", "sap.probe_relative_size=0.5"))
     a = load_file(str(tmp_path / "sft" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "sap" / "adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6
@@ -59,7 +59,7 @@ def test_sap_and_sft_train_differently(tmp_path):
 def test_embedded_model_trains_and_reloads_to_the_same_logits(tmp_path, method):
     from sap_dist.models import load_trained
 
-    cfg = load_config("quick", [f"train.output_dir={tmp_path}", "train.progress_bar=false", f"sap.method={method}",
+    cfg = load_config("quick", [f"train.output_dir={tmp_path}", "train.progress_bar=false", f"method={method}",
                                 "train.max_steps=2", "train.batch_size=2", "sap.safety_batch_size=2",
                                 "data.max_length=64", "data.safety_max_length=64", "train.tensorboard=false"])
     result = train_model(cfg)
@@ -116,13 +116,13 @@ def test_probe_layer_out_of_range_is_named(tmp_path):
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path):
-    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1"))
+    run(tiny(tmp_path, "method=sft", "train.max_steps=1"))
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run.*train.overwrite=true"):
-        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=2"))
+        run(tiny(tmp_path, "method=sft", "train.max_steps=2"))
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert len(read_metrics(str(tmp_path))) == 1
-    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=2", "train.overwrite=true"))
+    run(tiny(tmp_path, "method=sft", "train.max_steps=2", "train.overwrite=true"))
     assert len(read_metrics(str(tmp_path))) == 2  # replaced, not appended
 
 
@@ -130,20 +130,20 @@ def test_overwrite_leaves_only_the_new_runs_files(tmp_path):
     """A full-weights run replaced by a LoRA run: no old model.safetensors/config.json (transformers
     would load them as the base under the new adapter) and no old TensorBoard events remain."""
     out, fresh = tmp_path / "run", tmp_path / "fresh"
-    run(tiny(out, "sap.method=sft", "train.max_steps=1", "weights.method=full", "train.tensorboard=true"))
+    run(tiny(out, "method=sft", "train.max_steps=1", "weights.method=full", "train.tensorboard=true"))
     assert (out / "model.safetensors").exists()
-    run(tiny(out, "sap.method=sft", "train.max_steps=1", "train.tensorboard=true", "train.overwrite=true"))
-    run(tiny(fresh, "sap.method=sft", "train.max_steps=1", "train.tensorboard=true"))
+    run(tiny(out, "method=sft", "train.max_steps=1", "train.tensorboard=true", "train.overwrite=true"))
+    run(tiny(fresh, "method=sft", "train.max_steps=1", "train.tensorboard=true"))
     assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
     assert len(os.listdir(out / "tensorboard")) == 1
 
 
 def test_overwrite_refuses_a_directory_with_foreign_files(tmp_path):
-    run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1"))
+    run(tiny(tmp_path, "method=sft", "train.max_steps=1"))
     (tmp_path / "notes.txt").write_text("mine")
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(ConfigError, match="not a sap-dist run's \\(notes.txt\\)"):
-        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1", "train.overwrite=true"))
+        run(tiny(tmp_path, "method=sft", "train.max_steps=1", "train.overwrite=true"))
     assert sorted(os.listdir(tmp_path)) == before  # nothing deleted
 
 
@@ -190,7 +190,7 @@ def test_saved_files_follow_the_umask(tmp_path):
 
     old = os.umask(0o022)
     try:
-        run(tiny(tmp_path, "sap.method=sft", "train.max_steps=1", "weights.method=full"))
+        run(tiny(tmp_path, "method=sft", "train.max_steps=1", "weights.method=full"))
     finally:
         os.umask(old)
     modes = {f: stat.S_IMODE(os.stat(tmp_path / f).st_mode) for f in os.listdir(tmp_path) if (tmp_path / f).is_file()}
@@ -324,13 +324,13 @@ def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
 def test_the_default_safety_interval_does_not_refuse_a_short_run():
     """safety_every defaults to 4: a 2-step smoke test runs (one safety pass), while the same
     interval chosen above the default is refused."""
-    from sap_dist.train import _check_intervals
+    from sap_dist.train import _check_run_length
 
     cfg = load_config("quick", ["train.max_steps=2"])
     assert cfg.sap.safety_every == 4
-    _check_intervals(cfg, 2)
+    _check_run_length(cfg, 2)
     with pytest.raises(ConfigError, match="sap.safety_every=5 is more than the run's 2 steps"):
-        _check_intervals(load_config("quick", ["sap.safety_every=5"]), 2)
+        _check_run_length(load_config("quick", ["sap.safety_every=5"]), 2)
 
 
 def test_probe_rows_rounded_up_from_none_are_said_once_and_recorded(tmp_path, capsys):

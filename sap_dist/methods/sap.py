@@ -1,27 +1,26 @@
-"""One optimizer step: plain fine-tuning (`sft_step`), safety-aware probing (`sap_step`) or
-the Lisa baseline (`lisa_step`).
+"""Safety-aware probing (SAP, arXiv 2505.16737): `method: sap`.
 
-Written once against `sap_dist.backends.base.Backend`; see docs/SAP.md for the algorithm and
-docs/baselines.md for Lisa.
-Losses are scaled so that the data-parallel *mean* gradient over ranks equals the gradient
-of the global batch computed in one process: each rank divides its local sum by the global
-count and multiplies by the world size.
+Each step finds the direction in weight space that makes harmful answers likelier, probes the
+hidden states for what the task loss does if the weights drift that way, and takes the task
+step with that probe in place. docs/SAP.md states the algorithm; the step is written once
+against `sap_dist.backends.base.Backend`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from sap_dist.backends.base import Backend
-from sap_dist.config import LisaConfig, SapConfig
+from sap_dist.errors import ConfigError
+from sap_dist.methods import Method, RunSetup
+from sap_dist.methods.common import (PassTimer, StepInputs, check_finite, forward_nll, global_count, optimizer_step,
+                                     rng_state, select_rows, set_rng_state, task_loss, train_pass, vector_norm)
 from sap_dist.probe import Probe
 
 
@@ -31,8 +30,76 @@ PERTURBATION_TOO_SMALL = 0.1
 """A realised perturbation below this fraction of rho*||W|| is reported as rounded away."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the step was not applied."""
+@dataclass
+class SapConfig:
+    """Safety-aware probing (docs/SAP.md): `method: sap`."""
+
+    variant: Literal["paper", "reference"] = "paper"
+    """`paper`: Algorithm 1, four passes, probe recomputed every step. `reference`: the
+    reference code's lagged probe trained by its own AdamW, three passes."""
+    safety_loss: Literal["logsigmoid", "difference"] = "difference"
+    """`difference`: NLL(safe) - NLL(harmful) (paper v1; does not saturate). `logsigmoid`:
+    -log sigmoid((logp(safe) - logp(harmful)) / T) (reference code)."""
+    temperature: float = 1.0
+    """T of the logsigmoid loss."""
+    rho: float = 1e-2
+    """Perturbation radius relative to the trained weights' norm: dW = rho*||W||*g/||g||."""
+    probe_layers: Optional[list[int]] = None
+    """Decoder layers (0-based) whose outputs get a probe vector; None = the reference's
+    [3, 9] of 32 scaled to the model's depth."""
+    probe_step: Literal["beta", "relative"] = "relative"
+    """How the paper variant sizes V_safe: `beta` = beta*(u_harm - u_here) as written;
+    `relative` = the same direction per layer, rescaled so ||v_l|| equals
+    probe_relative_size times that layer's mean hidden-state norm per token."""
+    beta: float = 0.05
+    """Step size of the `beta` probe step."""
+    probe_relative_size: float = 0.05
+    """Probe norm per layer over the mean per-token hidden-state norm (`relative` step)."""
+    probe_lr: float = 0.05
+    """AdamW learning rate of the probe (`reference` variant)."""
+    safety_batch_size: int = 4
+    """Contrastive pairs per step (global, split over ranks). 4 pairs (8 sequences) cost about
+    one task pass of 8 rows on the quick bench; the safety direction is only used normalised."""
+    probe_every: int = 1
+    """Recompute the probe (safety direction and probe passes) every k steps and keep the
+    last probe in place for the steps between; 1 is the exact algorithm. The cost of the
+    extra passes is divided by k, but the probe is specific to the batch it was computed on:
+    on the quick experiment k=10 lost SAP's protection (docs/experiment.md), so k>1 is a
+    measured trade-off, not a default."""
+    probe_batch_fraction: float = 0.5
+    """Share of the global task batch (strided rows 0, B/P, 2B/P, ..., the same on every
+    world size; P must be a multiple of the ranks) on which the probe passes estimate u_harm
+    and u_here; the weight step always uses the whole batch. 1 is exact; 0.5 halves the probe
+    passes and kept SAP's protection on the quick experiment; a quarter did not (over 5
+    validation seeds it lost about a fifth of it: the quarter's probe direction agrees with
+    the whole batch's at a median cosine of 0.33, the half's at 0.51)."""
+    safety_every: int = 4
+    """Recompute the safety direction g_hat (the safety pass: a forward and backward of the
+    safety batch) on every k-th perturbing step only, and perturb the steps between along the
+    stored direction, at the current size rho*||W||; u_harm, u_here and the probe are still
+    recomputed on every batch. 1 is exact (a fresh direction from each step's safety batch).
+    k>1 saves most of the safety pass's cost (quick bench: about 3.3x -> 2.4x plain
+    fine-tuning's step) for one fp32 copy of each rank's shard of the trained weights. Default 4, measured:
+    on the quick experiment the direction turns as much between two draws of safety pairs at
+    the same weights (cosine 0.50-0.56) as between directions 4 steps apart (0.49), so reusing
+    it for 4 steps adds no staleness the pair sampling does not already have, and over 5
+    validation seeds k=4 kept the protection of k=1 (docs/experiment.md). The log's
+    `safety_direction_cosine` shows how fast it turns on your run."""
+
+    def check(self) -> None:
+        """Values that need more than their type."""
+        if self.safety_batch_size < 1:
+            raise ConfigError(f"sap.safety_batch_size must be at least 1, got {self.safety_batch_size}")
+        for key in ("rho", "beta", "probe_relative_size", "probe_lr", "temperature"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"sap.{key} must be positive, got {getattr(self, key)}")
+        for key in ("probe_every", "safety_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sap.{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.probe_batch_fraction <= 1:
+            raise ConfigError(f"sap.probe_batch_fraction must be in (0, 1], got {self.probe_batch_fraction}")
+        if self.probe_layers is not None and not self.probe_layers:
+            raise ConfigError("sap.probe_layers must name at least one layer (or be null for the default)")
 
 
 @dataclass
@@ -64,71 +131,8 @@ class SapState:
     """max |u_harm| of the last refresh: the scale the rounding of u_harm and u_here is relative to."""
 
 
-@dataclass
-class LisaState:
-    """What Lisa carries from one task step to the next."""
-
-    task_steps_done: int = 0
-    """Task steps taken so far: a cycle's alignment steps run before the task step with
-    task_steps_done % task_steps == 0, so the state (alignment or task) follows from it."""
-    align_steps_done: int = 0
-    """Alignment steps taken so far (the index of the next alignment batch)."""
-    anchor: list[torch.Tensor] | None = field(default=None, metadata={"per_rank": True})
-    """The trained weights at the last switch of state (`Backend.save_master_weights`: this
-    rank's shards of the fp32 masters), the proximal term's centre; None before the first step."""
-
-
 # ------------------------------------------------------------------------------------------
-# Losses
-
-
-def _forward_nll(backend: Backend, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of response-token NLL and per-sequence response-token counts.
-
-    Logits are computed only at the positions that predict a response token in some row: the
-    LM head and the [batch, positions, vocab] fp32 logits of prompt positions are never used
-    (on SmolLM2's quick batches that was a third of a training pass; at a 128k vocabulary it
-    is gigabytes of activations)."""
-    labels = batch["labels"][:, 1:]
-    keep = (labels != -100).any(dim=0).nonzero().squeeze(1)
-    logits = _logits_at(backend.model, batch, keep).float()
-    labels = labels[:, keep]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
-    nll = nll.view(labels.shape)
-    return nll.sum(dim=1), (labels != -100).sum(dim=1)
-
-
-_NO_LOGITS_TO_KEEP: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-"""Models whose forward does not take `logits_to_keep` (custom or old architectures); weak, so
-a model freed and another built at the same address is not mistaken for it."""
-
-
-def _logits_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-    """The model's logits at sequence `positions` only (transformers' `logits_to_keep`),
-    or all logits sliced afterwards where the model does not take that argument."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if model not in _NO_LOGITS_TO_KEEP:
-        try:
-            logits = model(**inputs, logits_to_keep=positions).logits
-            # a forward that swallows unknown keywords returns every position
-            return logits if logits.size(1) == positions.numel() else logits[:, positions]
-        except TypeError as err:
-            if "logits_to_keep" not in str(err):
-                raise
-            _NO_LOGITS_TO_KEEP.add(model)
-    return model(**inputs).logits[:, positions]
-
-
-def global_count(backend: Backend, local: torch.Tensor | float) -> float:
-    """Sum over ranks of a local count."""
-    t = torch.tensor(float(local), dtype=torch.float64, device=backend.device)
-    return float(backend.all_reduce_mean_(t)) * backend.world_size
-
-
-def task_loss(backend: Backend, batch: dict[str, torch.Tensor], global_tokens: float) -> torch.Tensor:
-    """Mean response-token cross-entropy over the global batch (this rank's share of it)."""
-    nll_sums, _ = _forward_nll(backend, batch)
-    return nll_sums.sum() * backend.world_size / global_tokens
+# Losses and passes
 
 
 def safety_loss(backend: Backend, batch: dict[str, torch.Tensor], cfg: SapConfig) -> tuple[float, torch.Tensor, float]:
@@ -141,7 +145,7 @@ def safety_loss(backend: Backend, batch: dict[str, torch.Tensor], cfg: SapConfig
     pair by sigmoid(-m_i) / max_j sigmoid(-m_j), computed in log space: the same direction,
     never zero. The true |g| is recovered as exp(log_scale) * |grad surrogate|.
     """
-    nll_sums, counts = _forward_nll(backend, batch)
+    nll_sums, counts = forward_nll(backend, batch)
     n = nll_sums.shape[0] // 2
     nll_safe, nll_harm = nll_sums[:n], nll_sums[n:]
     w = backend.world_size
@@ -160,88 +164,6 @@ def safety_loss(backend: Backend, batch: dict[str, torch.Tensor], cfg: SapConfig
     return float(value), surrogate, float(log_scale)
 
 
-# ------------------------------------------------------------------------------------------
-# Steps
-
-
-class _PassTimer:
-    """Wall time of each pass (synchronising the device so the split is real)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.times: dict[str, float] = {}
-        self._start = 0.0
-        self._name = ""
-
-    def __call__(self, name: str) -> "_PassTimer":
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self._sync()
-        self.times[f"time_{self._name}"] = time.perf_counter() - self._start
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def _rng_state(device: torch.device):
-    """RNG state, so two passes can draw identical dropout masks."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _check_finite(value: float, what: str) -> None:
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"{what} is {value}")
-
-
-def _train_pass(backend: Backend, batch, global_tokens: float, metrics: dict,
-                rows: torch.Tensor | None = None, rows_tokens: float | None = None) -> float:
-    """Forward + backward of the task loss; returns the global loss value (checked finite).
-    With `rows` (local row indices) the task loss over those rows alone, normalised by their
-    global token count `rows_tokens`, from the same forward, goes into
-    metrics['task_loss_probe_rows']."""
-    nll_sums, _ = _forward_nll(backend, batch)
-    loss = nll_sums.sum() * backend.world_size / global_tokens
-    value = float(backend.all_reduce_mean_(loss.detach().clone()))
-    _check_finite(value, "task loss")
-    if rows is not None:
-        rows_loss = nll_sums.detach()[rows.to(nll_sums.device)].sum() * backend.world_size / rows_tokens
-        metrics["task_loss_probe_rows"] = float(backend.all_reduce_mean_(rows_loss))
-    backend.backward(loss)
-    metrics["task_loss"] = value
-    return value
-
-
-def _step(backend: Backend, metrics: dict) -> None:
-    metrics["grad_norm"] = float(torch.sqrt(backend.grad_sq_norm()))
-    backend.optimizer_step()
-
-
-def sft_step(backend: Backend, probe: Probe | None, task_batch, global_tokens: float) -> dict:
-    """Plain fine-tuning: one forward, backward and optimizer step (probe off)."""
-    metrics: dict = {}
-    timer = _PassTimer(backend.device)
-    if probe is not None:
-        probe.enabled = False
-    backend.zero_grad()
-    with timer("train"):
-        _train_pass(backend, task_batch, global_tokens, metrics)
-        _step(backend, metrics)
-    return metrics | timer.times
-
-
 def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: dict) -> float:
     """Step 1: backpropagate the safety loss (probe off) and return the scale s such that
     W + s*grad is W + rho*||W||*g_hat. Leaves the (surrogate) gradient in place.
@@ -249,7 +171,7 @@ def harmful_direction(backend: Backend, safety_batch, cfg: SapConfig, metrics: d
     caller must then not touch the weights (W + 0*grad is NaN where grad is)."""
     backend.zero_grad()
     value, surrogate, log_scale = safety_loss(backend, safety_batch, cfg)
-    _check_finite(value, "safety loss")
+    check_finite(value, "safety loss")
     backend.backward(surrogate)
     grad_norm = float(torch.sqrt(backend.grad_sq_norm()))
     weight_norm = float(torch.sqrt(backend.weight_sq_norm()))
@@ -300,14 +222,9 @@ def _scale_probe(delta: list[torch.Tensor], probe_norms: torch.Tensor, cfg: SapC
     return out
 
 
-def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The rows `rows` of a collated batch (its padding stays: masked, so it changes nothing)."""
-    return {k: v[rows.to(v.device)] for k, v in batch.items()}
-
-
 def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_tokens: float,
              cfg: SapConfig, state: SapState, probe_rows: torch.Tensor | None = None,
-             probe_tokens: float | None = None) -> dict:
+             probe_tokens: float | None = None, terms: list = ()) -> dict:
     """One SAP step, `paper` (Algorithm 1) or `reference` (lagged, Adam-trained probe).
 
     The probe's gradients u_harm and u_here are both taken over the rows `probe_rows` (local
@@ -317,9 +234,10 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     the step is a plain training pass with the last probe in place. With `cfg.safety_every` =
     k > 1 only every k-th refresh runs the safety pass; the others perturb along the stored
     direction `state.safety_direction` (a refresh without a valid stored one runs the safety
-    pass). A degenerate safety direction makes the step plain fine-tuning (`_degenerate_step`)."""
+    pass). A degenerate safety direction makes the step plain fine-tuning (`_degenerate_step`).
+    The add-on `terms` add their gradients to the weight step's, with the probe off."""
     metrics: dict = {}
-    timer = _PassTimer(backend.device)
+    timer = PassTimer(backend.device)
     probe.enabled = False
     # no probe yet after a first refresh whose direction was degenerate: refresh again
     refresh = state.steps_done % cfg.probe_every == 0 or state.next_probe is None
@@ -330,9 +248,9 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
     metrics["probe_refreshed"] = int(refresh)
     if not refresh:
         with timer("train"):
-            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None)
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None, terms=terms)
         state.last_probe = v_used
-        metrics["probe_norm"] = _norm(v_used)
+        metrics["probe_norm"] = vector_norm(v_used)
         return metrics | timer.times
     if probe_rows is None:
         probe_batch, probe_tokens = task_batch, global_tokens
@@ -346,12 +264,12 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
         saved = _perturb(backend, safety_batch, cfg, state, metrics, new_direction)
         backend.zero_grad()
     if saved is None:
-        return _degenerate_step(backend, probe, task_batch, global_tokens, cfg, state, metrics, timer)
+        return _degenerate_step(backend, probe, task_batch, global_tokens, cfg, state, metrics, timer, terms)
 
     # the probe in use: `paper` probes at V = 0, `reference` at its lagged probe V_t, and both
     # gradients are taken there (a different V in one would add grad_V L(W,V) - grad_V L(W,0))
     v_probe = state.next_probe if cfg.variant == "reference" else None
-    dropout_rng = _rng_state(backend.device)  # u_harm and u_here see the same dropout masks
+    dropout_rng = rng_state(backend.device)  # u_harm and u_here see the same dropout masks
     with timer("probe_harm"):
         try:
             u_harm, loss_harm = _probe_pass(backend, probe, probe_batch, probe_tokens, v_probe)
@@ -361,20 +279,20 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
 
     if cfg.variant == "paper":
         with timer("probe_here"):
-            _set_rng_state(backend.device, dropout_rng)
+            set_rng_state(backend.device, dropout_rng)
             probe.start_norm_measurement(probe_batch["attention_mask"])
             u_here, loss_here = _probe_pass(backend, probe, probe_batch, probe_tokens)
             norm_sums, tokens = probe.stop_norm_measurement()
             hidden_norms = backend.all_reduce_mean_(norm_sums.to(backend.device)).cpu() / (global_count(backend, tokens) / backend.world_size)
         # What the perturbation did to the task loss the forward computed: exactly 0 means
-        # it was rounded away (e.g. a tiny rho against a bf16 forward), see PILOT.md.
+        # it was rounded away (e.g. a tiny rho against a bf16 forward).
         metrics["perturb_loss_shift"] = loss_harm - loss_here
         _check_perturbation(backend, state, metrics, loss_harm, loss_here)
         v_safe = _scale_probe(_probe_signal(u_harm, u_here, metrics, state), hidden_norms, cfg)
         metrics["probe_rel_size"] = float(sum(v.norm() / h for v, h in zip(v_safe, hidden_norms.tolist())) / len(v_safe))
         with timer("train"):
-            _set_rng_state(backend.device, dropout_rng)
-            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, v_safe, metrics, None)
+            set_rng_state(backend.device, dropout_rng)
+            v_used = _train_with_probe(backend, probe, task_batch, global_tokens, v_safe, metrics, None, terms=terms)
         state.next_probe = v_safe
     else:
         fused = probe_batch is task_batch
@@ -382,28 +300,28 @@ def sap_step(backend: Backend, probe: Probe, task_batch, safety_batch, global_to
             # the probe rows are a sub-batch: inside the full-batch training pass they would
             # draw other dropout masks (and sum in another order) than in u_harm's pass
             with timer("probe_here"):
-                _set_rng_state(backend.device, dropout_rng)
+                set_rng_state(backend.device, dropout_rng)
                 u_here, loss_here = _probe_pass(backend, probe, probe_batch, probe_tokens, v_probe)
         with timer("train"):
-            _set_rng_state(backend.device, dropout_rng)
+            set_rng_state(backend.device, dropout_rng)
             if fused:
                 # the probe rows are the whole batch: u_here comes from the same backward as the
                 # weight gradient (the same forward as u_harm's, so the same masks), one pass less
                 u_here = []
                 v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics,
-                                           u_here, probe_rows, probe_tokens)
+                                           u_here, probe_rows, probe_tokens, terms)
                 loss_here = metrics["task_loss_probe_rows"]
             else:
-                v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None)
+                v_used = _train_with_probe(backend, probe, task_batch, global_tokens, state.next_probe, metrics, None, terms=terms)
         metrics["perturb_loss_shift"] = loss_harm - loss_here
         _check_perturbation(backend, state, metrics, loss_harm, loss_here)
         _probe_signal(u_harm, u_here, metrics, state)
         with timer("probe_update"):
             state.next_probe = reference_probe_update(probe, state, u_harm, u_here)
-        metrics["probe_next_norm"] = _norm(state.next_probe)
+        metrics["probe_next_norm"] = vector_norm(state.next_probe)
 
     state.last_probe = v_used
-    metrics["probe_norm"] = _norm(v_used)
+    metrics["probe_norm"] = vector_norm(v_used)
     return metrics | timer.times
 
 
@@ -427,7 +345,7 @@ def _perturb(backend: Backend, safety_batch, cfg: SapConfig, state: SapState, me
 
 
 def _degenerate_step(backend: Backend, probe: Probe, task_batch, global_tokens: float, cfg: SapConfig,
-                     state: SapState, metrics: dict, timer: _PassTimer) -> dict:
+                     state: SapState, metrics: dict, timer: PassTimer, terms: list = ()) -> dict:
     """The step of a degenerate safety direction: plain fine-tuning (probe off, no probe pass,
     the probe optimizer not stepped). The probe from the last valid refresh stays for the next
     steps, and `sap_step` recomputes the direction on the next refresh instead of reusing it."""
@@ -439,8 +357,8 @@ def _degenerate_step(backend: Backend, probe: Probe, task_batch, global_tokens: 
                        f"direction: the weights were not perturbed and this step was plain fine-tuning (probe "
                        f"off); {retry} recomputes the safety direction")
     with timer("train"):
-        _train_pass(backend, task_batch, global_tokens, metrics)
-        _step(backend, metrics)
+        train_pass(backend, task_batch, global_tokens, metrics)
+        optimizer_step(backend, metrics, terms)
     state.last_probe = [torch.zeros_like(v.detach()) for v in probe.vectors]
     metrics["probe_norm"] = 0.0
     return metrics | timer.times
@@ -488,70 +406,9 @@ def _check_perturbation(backend: Backend, state: SapState, metrics: dict, loss_p
             logger.warning(state.perturbation_warning)
 
 
-def lisa_step(backend: Backend, task_batch, global_tokens: float, alignment_batch, cfg: LisaConfig,
-              state: LisaState) -> dict:
-    """One Lisa task step (Bi-State Optimization, Huang et al. 2024), preceded at the start of
-    each cycle by `cfg.align_steps` alignment steps. `alignment_batch(i)` gives the i-th
-    alignment batch and its global response-token count. Each step's gradient gets
-    rho*(W - anchor), the anchor being the weights at the last switch of state: the end of the
-    last task phase for alignment steps (the initial weights in the first cycle), the end of
-    the last alignment phase for task steps.
-
-    Metrics: `lisa_align_steps` (alignment steps run before this task step: 0 or K1),
-    `align_loss` and `align_proximal` (mean over them), `task_proximal` (the task step's
-    (rho/2)*||W - anchor||^2, before its update)."""
-    metrics: dict = {}
-    timer = _PassTimer(backend.device)
-    aligned: list[tuple[float, float]] = []
-    if state.task_steps_done % cfg.task_steps == 0:
-        with timer("align"):
-            state.anchor = backend.save_master_weights()  # switch task -> alignment
-            for _ in range(cfg.align_steps):
-                batch, tokens = alignment_batch(state.align_steps_done)
-                aligned.append(_proximal_step(backend, batch, tokens, cfg.rho, state.anchor, "alignment loss"))
-                state.align_steps_done += 1
-            state.anchor = backend.save_master_weights()  # switch alignment -> task
-        metrics["align_loss"] = sum(v for v, _ in aligned) / len(aligned)
-        metrics["align_proximal"] = sum(p for _, p in aligned) / len(aligned)
-    metrics["lisa_align_steps"] = len(aligned)
-    with timer("train"):
-        _, metrics["task_proximal"] = _proximal_step(backend, task_batch, global_tokens, cfg.rho, state.anchor,
-                                                     "task loss", metrics)
-    state.task_steps_done += 1
-    return metrics | timer.times
-
-
-def _proximal_step(backend: Backend, batch, global_tokens: float, rho: float, anchor, what: str,
-                   metrics: dict | None = None) -> tuple[float, float]:
-    """zero_grad, forward + backward of the mean response-token loss, grad += rho*(W - anchor),
-    optimizer step. Returns the loss value and (rho/2)*||W - anchor||^2 before the step; with
-    `metrics`, records the loss and gradient norm there as `task_loss` and `grad_norm`."""
-    out: dict = {} if metrics is None else metrics
-    backend.zero_grad()
-    loss = task_loss(backend, batch, global_tokens)
-    value = float(backend.all_reduce_mean_(loss.detach().clone()))
-    _check_finite(value, what)
-    backend.backward(loss)
-    proximal = rho / 2 * float(backend.master_sq_distance(anchor))
-    backend.add_proximal_grad(anchor, rho)
-    out["task_loss"] = value
-    _step(backend, out)
-    return value, proximal
-
-
-def lisa_optimizer_steps(task_steps: int, cfg: LisaConfig) -> int:
-    """Optimizer steps (alignment and task) Lisa takes through `task_steps` task steps: the
-    alignment steps of every cycle begun, plus the task steps."""
-    return task_steps + cfg.align_steps * -(-task_steps // cfg.task_steps)
-
-
-def _norm(vectors: list[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum(v.double().pow(2).sum() for v in vectors)))
-
-
 def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: float, values, metrics: dict,
                       probe_grad_out: list | None, rows: torch.Tensor | None = None,
-                      rows_tokens: float | None = None) -> list[torch.Tensor]:
+                      rows_tokens: float | None = None, terms: list = ()) -> list[torch.Tensor]:
     """Training pass and weight step with the probe set to `values` (None: zeros). If
     `probe_grad_out` is a list, the probe gradient of the task loss over the rows `rows` alone
     (normalised by their global token count `rows_tokens`; DP mean), taken from the same
@@ -566,14 +423,15 @@ def _train_with_probe(backend: Backend, probe: Probe, batch, global_tokens: floa
     if want_grad:
         probe.start_row_gradient(rows, batch["input_ids"].shape[0])
     try:
-        _train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
+        train_pass(backend, batch, global_tokens, metrics, rows if want_grad else None, rows_tokens)
         if want_grad:
             # d(rows' nll / global_tokens) -> d(rows' nll / rows_tokens)
             rescale = global_tokens / rows_tokens
             probe_grad_out.extend(backend.all_reduce_mean_((g.float() * rescale).to(backend.device))
                                   for g in probe.stop_row_gradient())
         used = [v.detach().clone() for v in probe.vectors]
-        _step(backend, metrics)
+        probe.enabled = False  # the add-on terms' losses are the model's own, not the probed one's
+        optimizer_step(backend, metrics, terms)
     finally:
         if probe.row_mask is not None:
             probe.stop_row_gradient()
@@ -597,11 +455,65 @@ def reference_probe_update(probe: Probe, state: SapState, u_harm, u_here) -> lis
     return [v.detach().clone() for v in probe.vectors]
 
 
-def new_sap_state(probe: Probe | None, cfg: SapConfig) -> SapState | LisaState:
-    """The state a run of `cfg.method` carries from step to step (Lisa's for `lisa`)."""
-    if cfg.method == "lisa":
-        return LisaState()
+
+
+# ------------------------------------------------------------------------------------------
+# The method's declaration
+
+
+def sap_state(probe: Probe | None, cfg: SapConfig) -> SapState:
+    """A fresh SAP state (the `reference` variant's probe AdamW, over the probe's vectors)."""
     state = SapState()
-    if probe is not None and cfg.method == "sap" and cfg.variant == "reference":
+    if probe is not None and cfg.variant == "reference":
         state.probe_optimizer = torch.optim.AdamW(probe.vectors, lr=cfg.probe_lr)
     return state
+
+
+def new_state(cfg: SapConfig, setup: RunSetup) -> SapState:
+    return sap_state(setup.probe, cfg)
+
+
+def step(inputs: StepInputs, cfg: SapConfig, state: SapState) -> dict:
+    return sap_step(inputs.backend, inputs.probe, inputs.task_batch, inputs.safety_batch(), inputs.global_tokens,
+                    cfg, state, inputs.probe_rows, inputs.probe_tokens, inputs.before_step)
+
+
+def check_run(cfg: SapConfig, total_steps: int) -> None:
+    """A refresh interval longer than the run means it never repeats: a mistake, refused. Not
+    when it equals the default (safety_every=4; the config cannot tell a default from the same
+    value given): a smoke test of 2 steps must not fail on a setting it never chose, and a
+    default longer than the run only means one safety pass."""
+    defaults = SapConfig()
+    for key in ("probe_every", "safety_every"):
+        value = getattr(cfg, key)
+        if value > total_steps and value != getattr(defaults, key):
+            raise ConfigError(f"sap.{key}={value} is more than the run's {total_steps} steps (train.max_steps / "
+                              f"train.epochs); lower sap.{key} or train longer")
+
+
+METHOD = Method(
+    name="sap",
+    summary="safety-aware probing: the task step taken with a probe that resists the harmful direction",
+    step=step,
+    section="sap",
+    config=SapConfig,
+    new_state=new_state,
+    uses_probe=True,
+    safety_pairs=lambda config: ("sap.safety_batch_size", config.sap.safety_batch_size),
+    probe_fraction=lambda config: config.sap.probe_batch_fraction,
+    check_run=check_run,
+    label=lambda cfg: f"sap/{cfg.variant}",
+    variant=lambda cfg: cfg.variant,
+    bench_cycle=lambda cfg: cfg.probe_every * cfg.safety_every,
+    plan_memory="probe",
+    experiment={
+        "sap_paper": ("SAP (paper)", {"method": "sap", "sap.variant": "paper"}),
+        "sap_reference": ("SAP (reference)", {"method": "sap", "sap.variant": "reference"}),
+        # the safety direction recomputed on every step instead of every 4th (the cost lever's
+        # exact end), and a cheaper setting: u_harm/u_here from a strided quarter of the batch
+        "sap_every_step": ("SAP, safety direction every step",
+                           {"method": "sap", "sap.variant": "paper", "sap.safety_every": 1}),
+        "sap_fast": ("SAP, cheaper (probe on 1/4)", {"method": "sap", "sap.variant": "paper", "sap.safety_every": 4,
+                                                     "sap.probe_batch_fraction": 0.25}),
+    },
+)

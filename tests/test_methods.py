@@ -1,0 +1,186 @@
+"""The method registry (`sap_dist/methods/`): every registered method and term is found by the
+config, the trainer, the bench, check-equivalence and the experiment, trains on every backend
+as one process does, and resumes mid-run exactly. Plus the safety anchor's own mathematics."""
+
+from __future__ import annotations
+
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sap_dist import methods as registry
+from sap_dist.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = ["single", "ddp", "zero2", "zero3", "fsdp2"]
+
+
+def every_method() -> list[str]:
+    """Each method alone and each term with each method (plain fine-tuning's is the term alone)."""
+    return list(registry.methods()) + [f"{m}+{t}" if m != "sft" else t
+                                       for t in registry.terms() for m in registry.methods()]
+
+
+def test_every_module_declares_a_method_or_a_term():
+    package = os.path.join(REPO, "sap_dist", "methods")
+    modules = [m.name for m in pkgutil.iter_modules([package]) if m.name != "common"]
+    declared = {m: getattr(__import__(f"sap_dist.methods.{m}", fromlist=["_"]), "METHOD", None) or
+                getattr(__import__(f"sap_dist.methods.{m}", fromlist=["_"]), "TERM", None) for m in modules}
+    assert all(declared.values()), declared
+    assert set(registry.methods()) | set(registry.terms()) == {d.name for d in declared.values()}
+    assert {"sft", "sap", "lisa"} <= set(registry.methods()) and "anchor" in registry.terms()
+
+
+def test_the_method_key_selects_from_the_registry():
+    assert load_config("tiny").method == "sap"
+    for name in every_method():
+        assert load_config("tiny", [f"method={name}"]).method == (name if "+" in name or name in registry.methods()
+                                                                 else f"sft+{name}")
+    selection = registry.select("lisa+anchor")
+    assert selection.method.name == "lisa" and [t.name for t in selection.terms] == ["anchor"]
+    with pytest.raises(ConfigError, match=r"sap\.method in command line: replaced by the top-level key `method`"):
+        load_config("tiny", ["sap.method=lisa"])
+    with pytest.raises(ConfigError, match="choose a method"):
+        load_config("tiny", ["method=sap+sap"])
+    with pytest.raises(ConfigError, match="anchor.prompts must be at least 1"):
+        load_config("tiny", ["method=anchor", "anchor.prompts=0"])
+    # each method's and term's section is a config section of its own
+    cfg = load_config("tiny")
+    for section, cls, _ in registry.sections():
+        assert isinstance(getattr(cfg, section), cls)
+
+
+def test_bench_equivalence_and_experiment_read_the_registry():
+    from sap_dist.bench import methods_for
+    from sap_dist.equivalence import cases_of
+    from sap_dist.experiment import METHOD_LABELS, METHODS
+
+    cfg = load_config("tiny")
+    benched = {m.method for m in methods_for(cfg).values()}
+    assert set(every_method()) <= benched
+    for entry in list(registry.methods().values()) + list(registry.terms().values()):
+        for name, (label, overrides) in entry.experiment.items():
+            assert METHODS[name] == overrides and METHOD_LABELS[name] == label
+    assert cases_of(["sap", "sap+anchor", "lisa"], ["paper", "reference"]) == [
+        "paper", "reference", "sap+anchor/paper", "sap+anchor/reference", "lisa"]
+
+
+def test_every_method_matches_one_process_on_every_backend(tmp_path):
+    """check-equivalence over every registered method and term, one process on each of the five
+    backends (their own code paths: DDP's reducer, ZeRO's partitioned gradients, FSDP2's
+    sharded parameters), against the plain one-process run. Several backward passes into one
+    step's gradient (a term's after the task's) must accumulate on every backend."""
+    from sap_dist.equivalence import main
+
+    cases = ",".join(every_method())
+    rc = main(["--backends", ",".join(BACKENDS), "--methods", cases, "--variants", "paper", "--settings", "exact",
+               "--nproc", "1", "--steps", "2", "--no-noise-floor", "--work-dir", str(tmp_path)])
+    assert rc == 0, open(next(p for p in sorted(tmp_path.glob("*.log")))).read()[-3000:]
+
+
+COMMON = ["--config", "tiny", "train.progress_bar=false", "train.tensorboard=false", "weights.lora_dropout=0.1",
+          "train.max_steps=4", "checkpoint.every_steps=2", "lisa.align_steps=1", "lisa.task_steps=3",
+          "sap.safety_every=3", "anchor.weight=30"]
+
+
+def _train(out, method: str, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "sap_dist.train", *COMMON, f"method={method}", f"train.output_dir={out}", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", every_method())
+def test_every_method_resumes_mid_run_exactly(method, tmp_path):
+    """Stopped after step 2 (mid-cycle for Lisa and SAP's stored direction, with a term's
+    targets in the checkpoint) and resumed, every method ends bitwise equal to the run that
+    was never stopped, its metrics rows included (dropout on: the RNG state is restored too)."""
+    from safetensors.torch import load_file
+
+    ref = tmp_path / "ref"
+    _train(ref, method)
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    for name in ("adapter_model.safetensors", "summary.json"):
+        os.remove(out / name)
+    _train(out, method, "checkpoint.resume_from=auto")
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "step_time", "tokens_per_s"))}  # noqa: E731
+                          for r in rows]
+    import json
+
+    rows = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (out, ref)]
+    assert strip(rows[0]) == strip(rows[1])
+    assert json.load(open(out / "summary.json"))["resumed_from"].endswith("step-00000002")
+
+
+# ------------------------------------------------------------------------------------------
+# The safety anchor's mathematics
+
+
+def test_anchor_loss_and_gradient_match_a_hand_computation():
+    """The anchor term backpropagates weight * mean((h - h_start)^2) over anchors, positions
+    and hidden units, h the final hidden state at the last prompt tokens: its gradient equals
+    autograd of that formula written out here, and it is zero at the start weights."""
+    from sap_dist.backends.single import SingleBackend
+    from sap_dist.backends.common import OptimizerSpec
+    from sap_dist.methods import RunSetup
+    from sap_dist.methods.anchor import AnchorConfig, anchor_prompts, build
+    from sap_dist.models import load_model
+
+    cfg = load_config("tiny", ["weights.lora_dropout=0", "model.dtype=fp32"])
+    model = load_model(cfg.model, cfg.weights, seed=0)
+    backend = SingleBackend(model, OptimizerSpec(lr=1e-3))
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    pairs = [{"harmful": {"input_ids": p + [3, 4], "labels": [-100] * len(p) + [3, 4]}} for p in prompts]
+    anchor = AnchorConfig(weight=2.0, prompts=3, positions=2)
+    state, apply = build(anchor, RunSetup(backend, safety_pairs=pairs, pad_id=0, seed=0))
+    assert state.targets.shape == (3, 2, model.get_base_model().config.hidden_size)
+
+    backend.zero_grad()
+    metrics = {}
+    apply(backend, metrics)
+    assert metrics["anchor_mse"] == 0.0  # the start weights reproduce their own targets
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters() if p.requires_grad)
+
+    with torch.no_grad():  # move the trained weights, then compare with the formula by hand
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    backend.zero_grad()
+    apply(backend, metrics)
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    losses = []
+    for k, prompt in enumerate(anchor_prompts(pairs, 3, seed=0)):
+        hidden = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+        losses.append(((hidden[-2:] - state.targets[k]) ** 2).mean())
+    (anchor.weight * torch.stack(losses).mean()).backward()
+    want = [p.grad for p in model.parameters() if p.requires_grad]
+    scale = max(float(w.abs().max()) for w in want)
+    assert scale > 0
+    # one padded batch against one prompt at a time: float32 sums in another order
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want)) <= 1e-4 * scale
+
+
+def test_anchor_prompts_are_distinct_harmful_prompts_and_too_few_is_refused():
+    from sap_dist.methods.anchor import anchor_batch, anchor_prompts
+
+    pairs = [{"harmful": {"input_ids": [1, 2, 9], "labels": [-100, -100, 9]}},
+             {"harmful": {"input_ids": [1, 2, 8], "labels": [-100, -100, 8]}},  # the same prompt again
+             {"harmful": {"input_ids": [3, 4, 5, 7], "labels": [-100, -100, -100, 7]}}]
+    assert sorted(anchor_prompts(pairs, 2, seed=0)) == [[1, 2], [3, 4, 5]]
+    with pytest.raises(ConfigError, match="only 2 distinct prompts"):
+        anchor_prompts(pairs, 3, seed=0)
+    batch, index = anchor_batch([[1, 2], [3, 4, 5]], 2, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[1, 2, 0], [3, 4, 5]]
+    assert index.tolist() == [[0, 1], [1, 2]]
+    with pytest.raises(ConfigError, match="anchor.positions=3: the shortest anchor prompt has 2 tokens"):
+        anchor_batch([[1, 2], [3, 4, 5]], 3, pad_id=0, device="cpu")
