@@ -337,7 +337,7 @@ def describe_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(prog="sap-dist align", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)

@@ -321,7 +321,7 @@ def _has_flash() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
 
     parser = argparse.ArgumentParser(prog="sap-dist bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)

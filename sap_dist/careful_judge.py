@@ -26,7 +26,7 @@ import re
 from typing import Any
 
 from sap_dist.judge_labels import LABELS
-from sap_dist.judges import is_refusal
+from sap_dist.refusal import is_refusal
 
 WEIGHTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "careful_judge.json")
 

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from sap_dist.help_format import DefaultsHelpFormatter
+
 USAGE = """usage: sap-dist COMMAND [ARGS...]
 
 commands:
@@ -21,20 +23,6 @@ commands:
   experiment          align, fine-tune with sft / SAP / baselines over seeds, judge, table and plots
 
 `sap-dist COMMAND --help` shows a command's own options; `sap-dist --version` the version."""
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in --help, including options that have no help text."""
-
-    def _format_action(self, action):
-        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS):
-            action.help = "(default: %(default)s)"
-        return super()._format_action(action)
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help  # no default, or the help already says it
-        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -215,7 +215,7 @@ def run_one(backend: str, variant: str, out: str, args, threads: str | None = No
 
 
 def parse_args(argv: list[str] | None):
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(
         prog="sap-dist check-equivalence", formatter_class=DefaultsHelpFormatter,

@@ -321,7 +321,7 @@ def summary_line(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)

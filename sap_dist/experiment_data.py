@@ -9,7 +9,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sap_dist.experiment import ExperimentSettings
+    from sap_dist.experiment_settings import ExperimentSettings
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sap_dist.experiment import ExperimentSettings
+    from sap_dist.experiment_settings import ExperimentSettings
 
 METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy", "over_refusal", "refusal_rate",
            "harmful_score_keyword", "harmful_score_independent_keyword", "degenerate_share",
@@ -42,7 +42,7 @@ def _mean_by_key(dicts: list[dict | None]) -> dict[str, float]:
 def aggregate(rows: list[dict]) -> dict[str, dict]:
     """Group run rows by setting/method: per metric mean/sd/min/max/n over seeds, the mean
     independent score per risk area, the model directories and the rows."""
-    from sap_dist.experiment import METHOD_LABELS
+    from sap_dist.experiment_settings import METHOD_LABELS
 
     groups: dict[str, list[dict]] = {}
     for row in rows:

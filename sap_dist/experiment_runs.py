@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sap_dist.experiment import ExperimentSettings
+    from sap_dist.experiment_settings import ExperimentSettings
 
 RUN_METRICS = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "task_accuracy_by_subtask",
                "harmful_score_keyword", "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s")
@@ -29,7 +29,7 @@ def _hash(obj: Any) -> str:
 def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_path: str, seed: int, out: str,
                    learning_rate: float | None = None):
     from sap_dist.config import load_config
-    from sap_dist.experiment import METHODS
+    from sap_dist.experiment_settings import METHODS
 
     base = {
         "model.name_or_path": start_model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,

@@ -585,7 +585,7 @@ def to_json(plan: Plan) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(prog="sap-dist plan", description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 formatter_class=DefaultsHelpFormatter,

@@ -44,9 +44,7 @@ def check(cfg: Config, world_size: int, env: dict | None = None, installed: bool
         check_backend_installed(backend)
     batches = effective_batches(cfg, world_size)
     if cfg.train.max_steps is not None:
-        from sap_dist.train import _check_run_length
-
-        _check_run_length(cfg, cfg.train.max_steps)
+        check_run_length(cfg, cfg.train.max_steps)
     found = deepspeed_warnings(cfg, backend, world_size, env) if backend in DEEPSPEED_BACKENDS else []
     return Preflight(backend, batches, found)
 
@@ -58,7 +56,7 @@ def resolve(cfg: Config, world_size: int, env: dict) -> str:
 
     launched = {**env, "WORLD_SIZE": str(world_size), "RANK": "0"}
     try:
-        backend = resolve_backend(cfg.dist.backend, cfg.dist.zero_stage, launched)
+        backend = resolve_backend(cfg.dist.backend, env=launched)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if backend == "single" and world_size > 1:
@@ -99,3 +97,11 @@ def comment_lines(result: Preflight) -> list[str]:
     lines = [f"# {result.batches.describe()}; backend {result.backend}"]
     lines += [f"# rounded: {note}" for note in result.batches.rounded()]
     return lines
+
+
+def check_run_length(cfg: Config, total_steps: int) -> None:
+    """The method's own checks of its settings against the run's length (SAP: refresh intervals)."""
+    from sap_dist import methods
+
+    selection = methods.select(cfg.method)
+    selection.method.check_run(selection.section(cfg), total_steps)

@@ -100,7 +100,7 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sap_dist.cli import DefaultsHelpFormatter
+    from sap_dist.help_format import DefaultsHelpFormatter
     from sap_dist.judges import DEFAULT_JUDGE, JUDGES
 
     p = argparse.ArgumentParser(prog="sap-dist judge", description=__doc__.split("\n\n")[0],

@@ -176,12 +176,6 @@ def _total_steps(cfg: Config, n_examples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * (n_examples // cfg.train.batch_size)))
 
 
-def _check_run_length(cfg: Config, total_steps: int) -> None:
-    """The method's own checks of settings against the run's length (SAP: refresh intervals)."""
-    selection = methods.select(cfg.method)
-    selection.method.check_run(selection.section(cfg), total_steps)
-
-
 def _setup_probe(cfg: Config, backend) -> tuple[Probe | None, list[int]]:
     if not methods.select(cfg.method).method.uses_probe:
         return None, []
@@ -308,10 +302,10 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
     if rank == 0:
         print(data_report(cfg, task_stats, safety_stats), file=sys.stderr, flush=True)
     total_steps = _total_steps(cfg, len(task))
-    _check_run_length(cfg, total_steps)  # again: an epochs-based length is known only now
+    preflight.check_run_length(cfg, total_steps)  # again: an epochs-based length is known only now
 
     # The backend is chosen (and the process group joined) before the model is loaded, so a
-    # sharding backend gets it built sharded: no rank holds the whole model (issue 3).
+    # sharding backend gets it built sharded: no rank holds the whole model.
     loading = prepare_loading(cfg.dist.backend, cfg.dist)
     model = load_model(cfg.model, cfg.weights, seed=cfg.train.seed, loading=loading)
     optim = OptimizerSpec(lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,

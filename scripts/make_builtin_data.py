@@ -7,7 +7,7 @@ which tests/test_data.py checks, so the committed files are always this script's
 
 Task (`task.jsonl`, alpaca rows instruction/input/output plus a `subtask` tag): four short
 subtasks with one-word exact-match answers, chosen because a 135M chat model can learn them in a
-few hundred LoRA steps (PILOT.md: arithmetic was not learned). Two copy a span from the input
+few hundred LoRA steps (docs/pilot.md: arithmetic was not learned). Two copy a span from the input
 (a person's name, a number), two classify with knowledge the model already has (review sentiment,
 word category). What fine-tuning mainly has to teach is the answer format (the bare word), so
 exact-match accuracy starts near zero and can rise to near one: utility is measurable.

@@ -324,13 +324,13 @@ def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
 def test_the_default_safety_interval_does_not_refuse_a_short_run():
     """safety_every defaults to 4: a 2-step smoke test runs (one safety pass), while the same
     interval chosen above the default is refused."""
-    from sap_dist.train import _check_run_length
+    from sap_dist.preflight import check_run_length
 
     cfg = load_config("quick", ["train.max_steps=2"])
     assert cfg.sap.safety_every == 4
-    _check_run_length(cfg, 2)
+    check_run_length(cfg, 2)
     with pytest.raises(ConfigError, match="sap.safety_every=5 is more than the run's 2 steps"):
-        _check_run_length(load_config("quick", ["sap.safety_every=5"]), 2)
+        check_run_length(load_config("quick", ["sap.safety_every=5"]), 2)
 
 
 def test_probe_rows_rounded_up_from_none_are_said_once_and_recorded(tmp_path, capsys):

@@ -52,7 +52,7 @@ def launch_from_env(env: dict | None = None) -> Launch:
     return Launch(0, 1, 0)
 
 
-def resolve_backend(name: str, zero_stage: int | None = None, env: dict | None = None) -> str:
+def resolve_backend(name: str, env: dict | None = None) -> str:
     """The backend to build for `name`, resolving `auto` from the launcher's environment:
     `accelerate launch` with a DeepSpeed config -> `deepspeed`, with an FSDP config -> `fsdp2`
     (the only FSDP implemented; FSDP_VERSION 1 configs are run as FSDP2), several processes ->
@@ -265,11 +265,11 @@ def _require_deepspeed(name: str) -> None:
                           "`pip install -e '.[cluster]'`") from None
 
 
-def check_backend_installed(name: str, zero_stage: int | None = None) -> None:
+def check_backend_installed(name: str) -> None:
     """The packages backend `name` (`auto`: from the launcher's environment) needs are
     importable; ConfigError naming the setup command otherwise. Run first thing in a run, before
     any data is read or output written."""
-    resolved = resolve_backend(name, zero_stage)
+    resolved = resolve_backend(name)
     if resolved == "deepspeed" or resolved in _DS_NAMES:
         _require_deepspeed(resolved)
 
@@ -282,7 +282,7 @@ def prepare_loading(name: str, dist_cfg=None) -> Loading:
         from sap_dist.config import DistributedConfig
 
         dist_cfg = DistributedConfig()
-    name = resolve_backend(name, dist_cfg.zero_stage)
+    name = resolve_backend(name)
     if name == "deepspeed" or name in _DS_NAMES:
         _require_deepspeed(name)  # before the process group and the model: no GPU time spent
     if name == "single":
