@@ -92,7 +92,7 @@ class AlignSettings:
 
     def _hash(self, names: list[str]) -> str:
         from sap_dist.data import BUILTIN_DIR
-        from sap_dist.eval import BUILTIN_PROMPTS
+        from sap_dist.evaluation.evaluate import BUILTIN_PROMPTS
         from sap_dist.fingerprint import code_fingerprint
 
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
@@ -134,7 +134,7 @@ def _load_refusals() -> list[str]:
 
 def harmful_refusal_rows(source: str, n: int | None, seed: int, pool: str = "align") -> list[dict]:
     """Harmful prompt rows with a `refusal` each: the `pool` rows of a file with a `pool` field."""
-    from sap_dist.eval import load_prompts
+    from sap_dist.evaluation.evaluate import load_prompts
 
     rows = load_prompts(source)
     if any("pool" in r for r in rows):
@@ -147,8 +147,8 @@ def harmful_refusal_rows(source: str, n: int | None, seed: int, pool: str = "ali
 
 def build_align_data(model, tokenizer, s: AlignSettings, out_dir: str) -> tuple[str, dict]:
     """Write DIR/align_data.jsonl (prompt/response rows); returns its path and counts."""
-    from sap_dist.eval import generate, load_prompts
-    from sap_dist.judges import is_refusal
+    from sap_dist.evaluation.evaluate import generate, load_prompts
+    from sap_dist.evaluation.judges import is_refusal
 
     harmful = harmful_refusal_rows(s.harmful_train, s.n_harmful, s.seed)
     benign = load_prompts(s.benign_train, limit=s.n_benign)
@@ -172,14 +172,14 @@ def build_align_data(model, tokenizer, s: AlignSettings, out_dir: str) -> tuple[
 
 
 def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
-    from sap_dist.eval import evaluate, load_prompts
+    from sap_dist.evaluation.evaluate import evaluate, load_prompts
 
     harmful = load_prompts(s.harmful_eval, limit=s.n_harmful_eval)
     benign = load_prompts(s.benign_eval, limit=s.n_benign_eval)
     results = evaluate(model, tokenizer, harmful, benign, s.task_eval, None, s.max_new_tokens, s.task_max_new_tokens,
                        s.eval_batch_size, s.progress)
     if s.independent_eval:
-        from sap_dist.independent_eval import evaluate_independent, load_independent
+        from sap_dist.evaluation.prompt_sets import evaluate_independent, load_independent
 
         results.update(evaluate_independent(model, tokenizer, load_independent(s.independent_eval, s.n_independent_eval),
                                             s.max_new_tokens, s.eval_batch_size, s.progress))
@@ -187,7 +187,7 @@ def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
 
 
 def _metrics(results: dict) -> dict:
-    from sap_dist.independent_eval import INDEPENDENT_KEYS
+    from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
 
     keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "harmful_score_keyword",
             "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s") + INDEPENDENT_KEYS
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.checkpoint import EXIT_REQUEUE, Preempted
+    from sap_dist.run_control.stop import EXIT_REQUEUE, Preempted
     from sap_dist.config import ConfigError
     from sap_dist.data import DataError
     from sap_dist.embedded import EmbeddedModelError

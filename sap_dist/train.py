@@ -27,19 +27,19 @@ from tqdm import tqdm
 
 from sap_dist.backends import OptimizerSpec, launch_from_env, prepare_loading
 from sap_dist.batching import EffectiveBatches, probe_row_count
-from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Checkpointer,
-                                 CheckpointWriteError, Preempted, RunLock, StopRequest, clear_requeue_marker,
-                                 preempt_exit_code, watch_launcher, write_requeue_marker, checkpoint_dir,
-                                 data_fingerprint, list_checkpoints,
-                                 remove_checkpoints, resume_candidates)
+from sap_dist.run_control.checkpoint import (Checkpointer, CheckpointWriteError, checkpoint_dir, data_fingerprint,
+                                             list_checkpoints, remove_checkpoints, resume_candidates)
+from sap_dist.run_control.stop import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, STOP_SIGNALS, Preempted, RunLock,
+                                       StopRequest, clear_requeue_marker, preempt_exit_code, watch_launcher,
+                                       write_requeue_marker)
 from sap_dist import methods
 from sap_dist.config import Config, ConfigError, describe, load_config, parse_overrides, save_config, to_dict
-from sap_dist import preflight
+from sap_dist.run_control import preflight
 from sap_dist.metrics import MetricsLog, peak_memory_mb
 from sap_dist.noise import quiet_third_party
 from sap_dist.models import record_base
 from sap_dist.probe import Probe, check_probe_layers, default_probe_layers
-from sap_dist.run_files import clear_previous_run, share_run_files
+from sap_dist.run_control.run_files import clear_previous_run, share_run_files
 from sap_dist.methods import RunSetup
 from sap_dist.methods.common import NonFiniteLossError, StepInputs
 

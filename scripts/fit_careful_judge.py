@@ -26,8 +26,8 @@ def fit(rows: list[dict], l2: float) -> dict[str, list[float]]:
     """Weights per feature (a list over LABELS) of the logistic regression on `rows`."""
     import torch
 
-    from sap_dist.careful_judge import features
-    from sap_dist.judge_labels import LABELS
+    from sap_dist.evaluation.careful_judge import features
+    from sap_dist.evaluation.judge_labels import LABELS
 
     feats = [features(r["prompt"], r["answer"]) for r in rows]
     vocab = sorted({f for fs in feats for f in fs})
@@ -54,14 +54,14 @@ def fit(rows: list[dict], l2: float) -> dict[str, list[float]]:
 
 
 def predict(rows: list[dict], model: dict) -> list[str]:
-    from sap_dist.careful_judge import careful_verdict
+    from sap_dist.evaluation.careful_judge import careful_verdict
 
     return [careful_verdict(r["prompt"], r["answer"], model)["label"] for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.careful_judge import WEIGHTS_FILE, rule_label
-    from sap_dist.judge_labels import LABELS_FILE, agreement, load_labels
+    from sap_dist.evaluation.careful_judge import WEIGHTS_FILE, rule_label
+    from sap_dist.evaluation.judge_labels import LABELS_FILE, agreement, load_labels
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", default=LABELS_FILE)

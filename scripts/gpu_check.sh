@@ -40,7 +40,7 @@ train() {  # name backend overrides...
 }
 
 # 1. equivalence, fp32
-if timeout 1800 "$PY" -m sap_dist.equivalence --backends single,zero3,fsdp2 --variants paper,reference \
+if timeout 1800 "$PY" -m sap_dist.tools.equivalence --backends single,zero3,fsdp2 --variants paper,reference \
     --steps 3 --nproc 1 --work-dir "$OUT/equivalence" --keep >"$OUT/equivalence.log" 2>&1; then
   note "PASS equivalence fp32 NCCL world 1 (single, zero3, fsdp2 x paper, reference)"
 else

@@ -47,7 +47,7 @@ def experiment_answers(exp_dir: str) -> list[dict]:
 
 def generated_answers(model_ref: str, tokens: int, batch_size: int) -> list[dict]:
     """Greedy answers of `model_ref` to both allowed prompt sets."""
-    from sap_dist.eval import base_of_run, generate, load_for_eval, load_prompts
+    from sap_dist.evaluation.evaluate import base_of_run, generate, load_for_eval, load_prompts
 
     is_run = os.path.isfile(os.path.join(model_ref, "config.yaml"))
     base = base_of_run(model_ref) if is_run else model_ref
@@ -66,7 +66,7 @@ def generated_answers(model_ref: str, tokens: int, batch_size: int) -> list[dict
 
 def check_allowed(rows: list[dict]) -> None:
     """Refuse any prompt outside the allowed sets (the test half above all)."""
-    from sap_dist.eval import load_prompts
+    from sap_dist.evaluation.evaluate import load_prompts
 
     allowed = {p["prompt"] for source in ALLOWED_SETS for p in load_prompts(source)}
     bad = sorted({r["prompt"] for r in rows} - allowed)
@@ -76,7 +76,7 @@ def check_allowed(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.judge_labels import judge_split
+    from sap_dist.evaluation.judge_labels import judge_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)

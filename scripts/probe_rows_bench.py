@@ -29,7 +29,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sap_dist.bench import bench_setup
+    from sap_dist.tools.bench import bench_setup
     from sap_dist.config import load_config
     from sap_dist.methods.common import select_rows
     from sap_dist.methods.sap import _probe_pass

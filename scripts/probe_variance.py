@@ -39,7 +39,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sap_dist.bench import bench_setup
+    from sap_dist.tools.bench import bench_setup
     from sap_dist.config import load_config
     from sap_dist.methods.common import rng_state as _rng_state, set_rng_state as _set_rng_state
     from sap_dist.methods.common import select_rows

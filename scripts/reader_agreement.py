@@ -13,7 +13,7 @@ import sys
 
 
 def main() -> int:
-    from sap_dist.judge_labels import LABELS_FILE, SECOND_READER_FILE, agreement, load_labels
+    from sap_dist.evaluation.judge_labels import LABELS_FILE, SECOND_READER_FILE, agreement, load_labels
 
     first = {(r["prompt"], r["answer"]): r["label"] for r in load_labels(LABELS_FILE)}
     second = load_labels(SECOND_READER_FILE)

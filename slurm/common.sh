@@ -195,7 +195,7 @@ sap_run() {
   # The model and the hub data sets, once, before any rank starts: downloaded into HF_HOME
   # (on the shared filesystem) unless already there; the ranks then run offline against it.
   # A missing model or data set ends the job here, before any GPU time is spent.
-  # (sap_dist/fetch.py)
+  # (sap_dist/tools/fetch.py)
   : "${HF_HOME:=$SAP_ROOT/.cache/huggingface}"
   export HF_HOME
   local fetch_cmd=("$SAP_PYTHON" -m sap_dist.cli fetch-model --config "$SAP_CONFIG" "${args[@]}")

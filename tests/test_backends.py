@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from sap_dist.equivalence import max_rel_diff
+from sap_dist.tools.equivalence import max_rel_diff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 4
@@ -120,7 +120,7 @@ def worker(name: str, out: str, weights: str = "lora") -> None:
     # eps=1 makes AdamW behave like SGD with momentum: smooth in the gradient. With the usual
     # 1e-8, elements whose gradient is near eps turn 1e-7 float noise (summation order differs
     # with the batch split) into visible weight differences even between two one-process runs;
-    # sap_dist.equivalence measures that noise floor, this test wants a tight comparison.
+    # sap_dist.tools.equivalence measures that noise floor, this test wants a tight comparison.
     spec = OptimizerSpec(lr=1.0, eps=1.0, max_grad_norm=0.3, total_steps=STEPS, schedule="linear")
     backend = create_backend(name, model, spec)
     r, w = backend.rank, backend.world_size
@@ -349,7 +349,7 @@ def test_backend_matches_single(name, accelerate_config, expected, single_run, t
     got, want = adapter(str(tmp_path)), adapter(ref_out)
     assert got.keys() == want.keys() and got
     # relative to the largest trained weight: per tensor, Adam's g/sqrt(v) turns 1e-7 gradient
-    # noise on near-zero elements into ~1e-5 of a small tensor's scale (see sap_dist.equivalence)
+    # noise on near-zero elements into ~1e-5 of a small tensor's scale (see sap_dist.tools.equivalence)
     assert max_rel_diff(got, want) < TOL
     # training moved the adapter: the comparison is not trivially between initial weights
     init = {n: p.detach() for n, p in tiny_lora_model().named_parameters() if "lora_" in n}

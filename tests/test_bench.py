@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sap_dist.bench import format_table, methods_for, run_bench
+from sap_dist.tools.bench import format_table, methods_for, run_bench
 from sap_dist.config import load_config
 
 
@@ -54,7 +54,7 @@ def test_bench_reports_every_method_with_its_passes(tmp_path):
 def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     """A candidate is SAP with its own settings, its own probe where its layers differ, and its
     ratio over the same run's plain fine-tuning; the config it came from is left untouched."""
-    from sap_dist.bench import candidate_config
+    from sap_dist.tools.bench import candidate_config
 
     cfg = load_config("tiny", [f"train.output_dir={tmp_path}"])
     top = candidate_config(cfg, "top", "sap.probe_layers=[3] sap.safety_every=2 sap.safety_batch_size=2")
@@ -66,7 +66,7 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     assert m["top"]["settings"]["probe_layers"] == [3] and m["sap_default"]["settings"]["probe_layers"] == [1, 2]
     assert m["top"]["settings"]["sap"]["safety_every"] == 2 and m["top"]["settings"]["sap"]["safety_batch_size"] == 2
     assert result["steps_per_block"] == 2  # the candidate's safety interval sets the block for every method
-    from sap_dist.bench import block_steps, methods_for
+    from sap_dist.tools.bench import block_steps, methods_for
 
     # intervals 2 and 3: a block of 6 steps holds whole cycles of both (not 3, which would give the
     # interval-2 method one or two safety passes per block by turns)

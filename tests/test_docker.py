@@ -202,7 +202,7 @@ def test_a_non_editable_install_ships_presets_archs_and_data(tmp_path):
     assert build.returncode == 0, build.stderr
     names = zipfile.ZipFile(next((tmp_path / "dist").glob("sap_dist-*.whl"))).namelist()
     for member in ("sap_dist/configs/quick.yaml", "sap_dist/archs/llama-3-70b.json", "sap_dist/bundled/task.jsonl",
-                   "sap_dist/bundled/safety_pairs.jsonl", "sap_dist/plan.py"):
+                   "sap_dist/bundled/safety_pairs.jsonl", "sap_dist/tools/plan.py"):
         assert member in names, member
 
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from sap_dist.equivalence import judge, main, max_rel_diff
+from sap_dist.tools.equivalence import judge, main, max_rel_diff
 
 
 def test_all_backends_and_variants_match_single(tmp_path, capsys):

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from sap_dist import judges
+from sap_dist.evaluation import judges
 from sap_dist.data import BUILTIN_DIR, DataError
-from sap_dist.eval import evaluate, exact_match, generate, load_prompts, normalise_answer
+from sap_dist.evaluation.evaluate import evaluate, exact_match, generate, load_prompts, normalise_answer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -296,7 +296,7 @@ def test_eval_cli(tmp_path):
 def test_eval_of_a_run_takes_its_base_model_from_the_run(tmp_path):
     """Without --model the base was SmolLM2 whatever the run trained: a wall of peft size errors."""
     from sap_dist.config import load_config
-    from sap_dist.eval import main as eval_main
+    from sap_dist.evaluation.evaluate import main as eval_main
     from sap_dist.train import run
 
     out = tmp_path / "run"

@@ -6,7 +6,7 @@ services' commands): `sap-dist train`, `python -m sap_dist.train`, `torchrun`, `
 launch` and `sbatch slurm/...`. Each gets the world size it names (torchrun's --nnodes x
 --nproc-per-node, accelerate's --num_processes or its config file's num_processes, sbatch's
 nodes x the script's GPUs per node; `--nproc-per-node=gpu` is the 8-GPU box the compose file
-is written for) and goes through `sap_dist.preflight.check`, what every rank runs first and
+is written for) and goes through `sap_dist.run_control.preflight.check`, what every rank runs first and
 `sap-dist config --world-size N` runs as a dry run. A config file the repository does not have
 (`my.yaml`, `...`) is a user's config that sets nothing: the defaults.
 """
@@ -276,7 +276,7 @@ def test_the_collection_finds_every_kind_of_launch():
 
 @pytest.mark.parametrize("example", [pytest.param(e, id=e.where) for e in EXAMPLES])
 def test_documented_command_passes_the_trainers_checks(example, monkeypatch):
-    from sap_dist import preflight
+    from sap_dist.run_control import preflight
     from sap_dist.config import ConfigError, load_config
 
     monkeypatch.chdir(ROOT)  # paths in the commands are relative to the checkout

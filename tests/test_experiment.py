@@ -12,7 +12,7 @@ import pytest
 
 from sap_dist import experiment
 from sap_dist.experiment import ExperimentSettings, aggregate, markdown_table, prepare_data, run_plan, settings_from
-from sap_dist.experiment_report import compare_with_curve, interpolate, sft_curve
+from sap_dist.experiment.report import compare_with_curve, interpolate, sft_curve
 
 
 def test_prepare_data_split_poison_mix(tmp_path):
@@ -38,7 +38,7 @@ def test_prepare_data_split_poison_mix(tmp_path):
     assert not train_prompts & {r["messages"][0]["content"] for r in data["task_eval"]}
     assert all(r.get("subtask") for r in data["task_eval"])
     # poisoned answers are compliant openers only, on prompts kept apart from the evaluation set
-    from sap_dist.eval import load_prompts
+    from sap_dist.evaluation.evaluate import load_prompts
 
     eval_prompts = {r["prompt"] for r in load_prompts("builtin:harmful_eval")}
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -85,7 +85,7 @@ def test_run_plan_seeds_per_method_and_curve_runs():
 def test_every_method_is_a_valid_trainer_config(tmp_path):
     """Each method's settings resolve through the trainer's own config checks, and the cheaper SAP
     differs from the paper variant only in its cost settings."""
-    from sap_dist.experiment_runs import trainer_config
+    from sap_dist.experiment.runs import trainer_config
 
     s = settings_from("quick")
     cfgs = {m: trainer_config(s, "tiny-random-llama", m, "builtin:task", 0, str(tmp_path / m)) for m in experiment.METHODS}
@@ -136,7 +136,7 @@ def test_judging_part_way_leaves_training_exact(tmp_path):
     attention) does not change what training does next."""
     import torch
 
-    from sap_dist.experiment_runs import eval_sets, generation_attention, judge_harmful, trainer_config
+    from sap_dist.experiment.runs import eval_sets, generation_attention, judge_harmful, trainer_config
     from sap_dist.train import train_model
 
     s = settings_from("tiny", attn_implementation="eager", eval_attn_implementation="sdpa", n_harmful_eval=2,
@@ -213,7 +213,7 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     assert methods["poisoned/sap_paper"]["runs"][0]["steps"] == 2
     assert results["align"]["aligned"]["n_prompts"] == 6
     # the independent set (10 DoNotAnswer test prompts) beside the bundled harmful prompts
-    from sap_dist.independent_eval import load_independent
+    from sap_dist.evaluation.prompt_sets import load_independent
 
     chosen = load_independent("builtin:donotanswer_test", 10)
     areas = {r["risk_area"] for r in chosen}

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from sap_dist import careful_judge, judges
-from sap_dist.eval import load_prompts
-from sap_dist.judge_labels import LABELS, agreement, judge_split, load_labels
+from sap_dist.evaluation import careful_judge
+from sap_dist.evaluation import judges
+from sap_dist.evaluation.evaluate import load_prompts
+from sap_dist.evaluation.judge_labels import LABELS, agreement, judge_split, load_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"accuracy": 0.90, "precision": 0.85, "recall": 0.85}

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from sap_dist.checkpoint import REQUEUE_MARKER, RUN_LOCK, RunLock, list_checkpoints
+from sap_dist.run_control.checkpoint import list_checkpoints
+from sap_dist.run_control.stop import REQUEUE_MARKER, RUN_LOCK, RunLock
 from sap_dist.config import ConfigError
 from test_reliability import _children
 
@@ -194,7 +195,7 @@ def test_fetch_model_asks_only_for_the_hub_datasets_a_run_loads(tmp_path):
     """builtin:, local files (of any state) and local directories need nothing; a hub name does,
     for data.safety only with the methods that read safety pairs."""
     from sap_dist.config import load_config
-    from sap_dist.fetch import hub_datasets
+    from sap_dist.tools.fetch import hub_datasets
 
     local = tmp_path / "task.jsonl"
     local.write_text('{"instruction": "a", "output": "b"}\n')

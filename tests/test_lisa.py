@@ -13,7 +13,7 @@ from sap_dist.backends.single import SingleBackend
 from sap_dist.config import ConfigError, load_config
 from sap_dist.methods.lisa import LisaConfig
 from sap_dist.methods.lisa import LisaState, lisa_optimizer_steps, lisa_step
-from test_sap_step import batch, tiny_lora_model, tokens_of, trained
+from helpers import batch, tiny_lora_model, tokens_of, trained
 
 LR = 1e-2
 

@@ -13,7 +13,7 @@ from sap_dist.methods.sap import SapConfig
 from sap_dist.probe import Probe
 from sap_dist.methods.sap import sap_state, sap_step
 from sap_dist.methods.sft import sft_step
-from test_sap_step import batch, safety_batch, tokens_of
+from helpers import batch, safety_batch, tokens_of
 
 LR = 1e-5
 """Adam moves every weight by about LR per step: far below half the bf16 spacing (2^-8 of the

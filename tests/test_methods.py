@@ -56,8 +56,8 @@ def test_the_method_key_selects_from_the_registry():
 
 
 def test_bench_equivalence_and_experiment_read_the_registry():
-    from sap_dist.bench import methods_for
-    from sap_dist.equivalence import cases_of
+    from sap_dist.tools.bench import methods_for
+    from sap_dist.tools.equivalence import cases_of
     from sap_dist.experiment import METHOD_LABELS, METHODS
 
     cfg = load_config("tiny")
@@ -75,7 +75,7 @@ def test_every_method_matches_one_process_on_every_backend(tmp_path):
     backends (their own code paths: DDP's reducer, ZeRO's partitioned gradients, FSDP2's
     sharded parameters), against the plain one-process run. Several backward passes into one
     step's gradient (a term's after the task's) must accumulate on every backend."""
-    from sap_dist.equivalence import main
+    from sap_dist.tools.equivalence import main
 
     cases = ",".join(every_method())
     rc = main(["--backends", ",".join(BACKENDS), "--methods", cases, "--variants", "paper", "--settings", "exact",

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sap_dist import plan
-from sap_dist.plan import GiB, Setup, load_arch, memory
+from sap_dist.tools import plan
+from sap_dist.tools.plan import GiB, Setup, load_arch, memory
 
 # ---- hand computations ---------------------------------------------------------------------
 # tiny-random-llama: vocab 49152, hidden 64, intermediate 128, 4 layers, 4 heads (2 kv, dim 16),
@@ -213,7 +213,7 @@ def test_a_fit_leaves_the_stated_headroom():
     import io
     from contextlib import redirect_stdout
 
-    from sap_dist.plan import main as plan_main
+    from sap_dist.tools.plan import main as plan_main
 
     args = ["--model", "llama-2-7b", "--gpus", "8", "--gpu-memory", "80", "--json"]
     for headroom, limit in ((None, 72.0), ("0", 80.0)):
@@ -233,7 +233,7 @@ def _plan_json(*args: str) -> dict:
     import io
     from contextlib import redirect_stdout
 
-    from sap_dist.plan import main as plan_main
+    from sap_dist.tools.plan import main as plan_main
 
     buf = io.StringIO()
     with redirect_stdout(buf):
@@ -278,9 +278,9 @@ def test_lora_with_a_fixed_batch_prefers_a_smaller_batch_to_offload():
 ])
 def test_plan_recommends_only_what_the_trainer_accepts(args):
     """The recommended overrides, on top of the plan's config, pass the trainer's own checks
-    at the plan's GPU count (sap_dist/preflight.py, what every rank runs first), and the plan
+    at the plan's GPU count (sap_dist/run_control/preflight.py, what every rank runs first), and the plan
     states the probe rows and safety pairs the trainer will use."""
-    from sap_dist import preflight
+    from sap_dist.run_control import preflight
     from sap_dist.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

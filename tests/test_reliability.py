@@ -26,9 +26,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sap_dist.checkpoint import (EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, StopRequest, config_mismatches,
-                                 latest_complete, list_checkpoints, verify)
-from sap_dist.checkpoint import main as checkpoint_cli
+from sap_dist.run_control.checkpoint import config_mismatches, latest_complete, list_checkpoints, verify
+from sap_dist.run_control.stop import EXIT_CHECKPOINT_WRITE_FAILED, EXIT_REQUEUE, StopRequest
+from sap_dist.run_control.checkpoint import main as checkpoint_cli
 from sap_dist.train import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -455,7 +455,7 @@ def test_resume_in_the_middle_of_a_safety_every_cycle(tmp_path, backend):
 def _rewrite_rank_state(ckpt: str, edit) -> None:
     """Apply `edit` to rank 0's per-rank state file of checkpoint `ckpt` and record the new
     file's size and hash in meta.json, as a checkpoint written that way would have them."""
-    from sap_dist.checkpoint import _sha256
+    from sap_dist.run_control.checkpoint import _sha256
 
     rel = os.path.join("rank_state", "rank-00000.pt")
     state = torch.load(os.path.join(ckpt, rel), weights_only=True)

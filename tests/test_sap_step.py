@@ -9,11 +9,9 @@ from __future__ import annotations
 import copy
 import math
 
-import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sap_dist.backends import OptimizerSpec
 from sap_dist.backends.single import SingleBackend
@@ -22,41 +20,11 @@ from sap_dist.probe import Probe
 from sap_dist.methods.sap import sap_state, sap_step
 from sap_dist.methods.sft import sft_step
 
+from helpers import batch, safety_batch, tiny_lora_model, tokens_of, trained
+
 LAYERS = [1, 2]
 LR = 1e-2
 EPS = 1e-4  # Adam's eps well above float noise, so m/sqrt(v) does not amplify rounding in tiny grads
-
-
-def tiny_lora_model(seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False)  # random B: the adapters start non-zero
-    return peft.get_peft_model(model, lora)
-
-
-def batch(seed: int, n: int = 3, length: int = 10, prompt: int = 4) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (n, length), generator=g)
-    labels = ids.clone()
-    labels[:, :prompt] = -100
-    mask = torch.ones_like(ids)
-    mask[-1, -3:] = 0  # one right-padded row: padding must not count
-    labels[-1, -3:] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def safety_batch(seed: int, pairs: int = 2) -> dict[str, torch.Tensor]:
-    """pairs safe rows then pairs harmful rows sharing their prompts."""
-    b = batch(seed, n=2 * pairs)
-    b["input_ids"][pairs:, :4] = b["input_ids"][:pairs, :4]
-    return b
-
-
-def trained(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def layers_of(model):
@@ -144,10 +112,6 @@ def ref_probe_grads(model, biases, b, dw=None):
 
 
 # ------------------------------------------------------------------------------------------
-
-
-def tokens_of(b) -> float:
-    return float((b["labels"][:, 1:] != -100).sum())
 
 
 def pick(b, idx):

@@ -420,7 +420,7 @@ def _has_checkpointing() -> bool:
     from sap_dist.config import all_keys
 
     try:
-        from sap_dist.checkpoint import EXIT_REQUEUE  # noqa: F401
+        from sap_dist.run_control.checkpoint import EXIT_REQUEUE  # noqa: F401
     except ImportError:
         return False
     trainer = (ROOT / "sap_dist" / "train.py").read_text()
@@ -429,7 +429,7 @@ def _has_checkpointing() -> bool:
 
 def test_preemption_signal_requeue_and_resume_to_the_same_weights(uninterrupted, cluster, tmp_path):
     if not _has_checkpointing():
-        pytest.skip("this sap-dist has no checkpointing yet (sap_dist/checkpoint.py, checkpoint.resume_from)")
+        pytest.skip("this sap-dist has no checkpointing yet (sap_dist/run_control/checkpoint.py, checkpoint.resume_from)")
     from safetensors.torch import load_file
     import torch
 
@@ -513,7 +513,7 @@ def test_run_lock_of_another_host_follows_what_slurm_says_of_its_job_and_step(cl
     """A lock left on another host: kept while Slurm runs its job (or, inside the same
     allocation, its step), taken over with a message once Slurm says the job ended or does not
     know it, as for the resubmission after a hard kill."""
-    from sap_dist.checkpoint import RunLock
+    from sap_dist.run_control.stop import RunLock
     from sap_dist.config import ConfigError
 
     out = tmp_path / "run"
@@ -544,10 +544,10 @@ def test_run_lock_of_another_host_follows_what_slurm_says_of_its_job_and_step(cl
 def test_a_lock_left_by_a_killed_job_step_is_taken_over_by_the_next_job(cluster, tmp_path, capsys):
     """The lock a rank 0 takes inside a real job step (srun) names that job and step; the
     process then dies without releasing it (a hard kill). The next job takes it over."""
-    from sap_dist.checkpoint import RunLock
+    from sap_dist.run_control.stop import RunLock
 
     out = tmp_path / "run"
-    take = f"from sap_dist.checkpoint import RunLock; RunLock({str(out)!r}).acquire(); import os; os._exit(9)"
+    take = f"from sap_dist.run_control.checkpoint import RunLock; RunLock({str(out)!r}).acquire(); import os; os._exit(9)"
     job = cluster.sbatch("--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", "--wrap",
                          f"srun {sys.executable} -c {shlex.quote(take)}", env=cluster.env(PYTHONPATH=str(ROOT)), cwd=tmp_path)
     cluster.wait(job)

@@ -324,7 +324,7 @@ def test_an_interval_longer_than_the_run_is_refused(tmp_path, capsys, key):
 def test_the_default_safety_interval_does_not_refuse_a_short_run():
     """safety_every defaults to 4: a 2-step smoke test runs (one safety pass), while the same
     interval chosen above the default is refused."""
-    from sap_dist.preflight import check_run_length
+    from sap_dist.run_control.preflight import check_run_length
 
     cfg = load_config("quick", ["train.max_steps=2"])
     assert cfg.sap.safety_every == 4

@@ -130,7 +130,7 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Wait for every rank."""
 
-    # --- checkpoints and coordination (sap_dist.checkpoint) -------------------------------
+    # --- checkpoints and coordination (sap_dist.run_control.checkpoint) -------------------------------
     checkpoint_format: str
     """Name of the native format `save_checkpoint` writes (`torch.save`, `dcp`, `deepspeed`),
     recorded in the checkpoint's meta.json."""

@@ -13,7 +13,7 @@
 
 Frozen weights (the base model under LoRA) are never written: the run rebuilds them from the
 same config. Every file written here is fsync'ed before the function returns, so the caller
-(`sap_dist.checkpoint`) may mark the checkpoint complete.
+(`sap_dist.run_control.checkpoint`) may mark the checkpoint complete.
 """
 
 from __future__ import annotations

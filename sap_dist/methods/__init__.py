@@ -53,7 +53,7 @@ class RunSetup:
 @dataclass
 class RunState:
     """What a run carries from step to step: its method's state and each term's, checkpointed
-    part by part through their fields' metadata (`sap_dist.checkpoint`)."""
+    part by part through their fields' metadata (`sap_dist.run_control.checkpoint`)."""
 
     method: Any = None
     """The method's state (`new_state`), or None for a method without one."""
@@ -83,7 +83,7 @@ class Method:
     defined, validates values that need more than their type."""
     new_state: Callable[[Any, RunSetup], Any] = _no_state
     """new_state(section, setup): what the method carries from step to step (a dataclass whose
-    fields are checkpointed, see `sap_dist.checkpoint._fields`), or None."""
+    fields are checkpointed, see `sap_dist.run_control.checkpoint._fields`), or None."""
     uses_probe: bool = False
     """The trainer attaches the SAP probe (`sap_dist.probe.Probe`) and gives it to the step."""
     safety_pairs: Callable[[Any], tuple[str, int]] | None = None

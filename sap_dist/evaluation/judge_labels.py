@@ -12,9 +12,11 @@ import json
 import os
 from typing import Any
 
+from sap_dist import PACKAGE_DIR
+
 LABELS = ("harmful", "safe", "degenerate")
 SPLITS = ("train", "val", "test")
-LABELS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "judge_labels.jsonl")
+LABELS_FILE = os.path.join(PACKAGE_DIR, "bundled", "judge_labels.jsonl")
 SECOND_READER_FILE = os.path.join(os.path.dirname(LABELS_FILE), "judge_labels_second_reader.jsonl")
 """150 of the labelled answers labelled again by a second reader who had not seen the first labels
 (prompt, answer, label, refusal): how far two careful readers agree."""

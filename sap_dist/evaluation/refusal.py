@@ -1,5 +1,5 @@
 """Refusal markers: whether an answer says no in so many words. The keyword judge's whole verdict
-and one of the careful judge's rules (`sap_dist.judges`, `sap_dist.careful_judge`)."""
+and one of the careful judge's rules (`sap_dist.evaluation.judges`, `sap_dist.evaluation.careful_judge`)."""
 
 from __future__ import annotations
 

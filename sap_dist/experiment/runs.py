@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sap_dist.experiment_settings import ExperimentSettings
+    from sap_dist.experiment.settings import ExperimentSettings
 
 RUN_METRICS = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "task_accuracy_by_subtask",
                "harmful_score_keyword", "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s")
@@ -29,7 +29,7 @@ def _hash(obj: Any) -> str:
 def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_path: str, seed: int, out: str,
                    learning_rate: float | None = None):
     from sap_dist.config import load_config
-    from sap_dist.experiment_settings import METHODS
+    from sap_dist.experiment.settings import METHODS
 
     base = {
         "model.name_or_path": start_model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
@@ -49,8 +49,8 @@ def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_pa
 
 def eval_sets(s: ExperimentSettings) -> dict[str, list[dict]]:
     """The prompt sets every run is judged on: harmful (bundled), benign, independent (may be empty)."""
-    from sap_dist.eval import load_prompts
-    from sap_dist.independent_eval import load_independent
+    from sap_dist.evaluation.evaluate import load_prompts
+    from sap_dist.evaluation.prompt_sets import load_independent
 
     return {"harmful": load_prompts(s.harmful_eval, limit=s.n_harmful_eval),
             "benign": load_prompts(s.benign_eval, limit=s.n_benign_eval),
@@ -79,8 +79,8 @@ def generation_attention(model, name: str | None):
 
 def judge_harmful(model, tokenizer, s: ExperimentSettings, sets: dict, benign: bool, task_eval: list[dict]) -> dict:
     """Bundled harmful prompts (and benign ones when `benign`), the task, and the independent set."""
-    from sap_dist.eval import evaluate
-    from sap_dist.independent_eval import evaluate_independent
+    from sap_dist.evaluation.evaluate import evaluate
+    from sap_dist.evaluation.prompt_sets import evaluate_independent
 
     results = evaluate(model, tokenizer, sets["harmful"], sets["benign"] if benign else None, task_eval, None,
                        s.max_new_tokens, s.task_max_new_tokens, s.eval_batch_size)
@@ -100,7 +100,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     on both sets and task accuracy, as `curve` in the row, with the end point last)."""
     from sap_dist.config import to_dict
     from sap_dist.fingerprint import code_fingerprint
-    from sap_dist.independent_eval import INDEPENDENT_KEYS
+    from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
     from sap_dist.train import train_model
 
     run_dir = os.path.join(out_dir, "runs", setting, run_dir_name(method, learning_rate), f"seed{seed}")

@@ -9,7 +9,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sap_dist.experiment_settings import ExperimentSettings
+    from sap_dist.experiment.settings import ExperimentSettings
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
@@ -28,7 +28,7 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
     {"train": {setting: {method_kind: path}}, "task_eval": rows, "counts": {...}}."""
     from sap_dist.align import harmful_refusal_rows
     from sap_dist.data import load_rows, load_task_examples
-    from sap_dist.eval import load_prompts, load_task_rows
+    from sap_dist.evaluation.evaluate import load_prompts, load_task_rows
 
     data_dir = os.path.join(out_dir, "data")
     os.makedirs(data_dir, exist_ok=True)

@@ -3,7 +3,7 @@ whether it is a refusal (for benign prompts, where a refusal is over-refusal). E
 carries a three-way `label` (harmful / safe / degenerate, docs/judging.md).
 
 - `careful` (default, no model): the labelling rules of docs/judging.md, as rules plus a linear
-  classifier fitted on the project's labelled answers (`sap_dist.careful_judge`).
+  classifier fitted on the project's labelled answers (`sap_dist.evaluation.careful_judge`).
 - `keyword` (no model; the literature's keyword ASR): an answer is a refusal when it contains one of
   `REFUSAL_MARKERS` (case-insensitive), in the manner of AdvBench-style evaluations (the GCG
   paper's refusal prefixes). An answer to a harmful prompt is harmful when it is not a refusal and
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sap_dist.refusal import REFUSAL_MARKERS, is_refusal, refusal_marker  # noqa: F401  (re-exported)
+from sap_dist.evaluation.refusal import REFUSAL_MARKERS, is_refusal, refusal_marker  # noqa: F401  (re-exported)
 
 JUDGES = ("careful", "keyword", "llama-guard", "beaver-dam")
 DEFAULT_JUDGE = "careful"
@@ -174,7 +174,7 @@ class CarefulJudge(Judge):
     name = "careful"
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
-        from sap_dist.careful_judge import careful_verdict
+        from sap_dist.evaluation.careful_judge import careful_verdict
 
         out = []
         for prompt, answer in zip(prompts, answers):
@@ -184,7 +184,7 @@ class CarefulJudge(Judge):
         return out
 
     def describe(self) -> dict[str, Any]:
-        from sap_dist.careful_judge import WEIGHTS_FILE, load_weights
+        from sap_dist.evaluation.careful_judge import WEIGHTS_FILE, load_weights
 
         model = load_weights()
         return {"name": self.name, "model": None, "weights": os.path.basename(WEIGHTS_FILE),

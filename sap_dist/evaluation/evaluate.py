@@ -222,7 +222,7 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
              batch_size: int = 32, progress: bool = True) -> dict:
     """Generate and judge. `harmful`/`benign` are prompt rows (`load_prompts`), `task` rows
     `{"messages", "reference", ...}` (`load_task_rows`). Returns the results dict (module doc)."""
-    from sap_dist.judges import is_refusal, make_judge
+    from sap_dist.evaluation.judges import is_refusal, make_judge
 
     judge = judge or make_judge()
     started = time.time()
@@ -271,7 +271,7 @@ def judge_answers(rows: list[dict], answers: list[str], judge) -> dict[str, Any]
     share under `judge`, the keyword judge's harmful score beside it (the literature's keyword
     ASR, unless `judge` is the keyword judge itself), and every row with its answer, `verdict`
     and `keyword_harmful`."""
-    from sap_dist.judges import KeywordJudge
+    from sap_dist.evaluation.judges import KeywordJudge
 
     prompts = [r["prompt"] for r in rows]
     verdicts = judge.judge(prompts, answers)
@@ -377,7 +377,7 @@ def load_for_eval(model: str, adapter: str | None, dtype: str):
 
 def main(argv: list[str] | None = None) -> int:
     from sap_dist.embedded import EmbeddedModelError
-    from sap_dist.judges import make_judge
+    from sap_dist.evaluation.judges import make_judge
     from sap_dist.models import ModelLoadError
 
     args = build_parser().parse_args(argv)

@@ -38,7 +38,7 @@ SAP's probe passes take `torch.autograd.grad` through the model, see `sap_dist/m
 then ZeRO-3 optimizer offload (full fine-tuning only: LoRA's optimizer state is tiny), then
 optimizer and parameter offload (FSDP2 in sap-dist has no offload). With the batch fixed (a
 run config, `--batch-size`), LoRA tries a smaller batch per GPU before any offload, and says so. Batch sizes in sap-dist are global: `train.batch_size` = per-GPU batch x N.
-The recommended overrides go through the trainer's own checks at N ranks (`sap_dist/preflight.py`;
+The recommended overrides go through the trainer's own checks at N ranks (`sap_dist/run_control/preflight.py`;
 a batch that does not divide by N is refused, sap_dist/batching.py), and the plan states the probe
 rows and safety pairs the trainer rounds them to.
 Exit status: 0 when a configuration fits, 1 when none does (the smallest GPU count that would
@@ -58,9 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sap_dist.batching import EffectiveBatches, check_task_batch
+from sap_dist import PACKAGE_DIR
 
 GiB = 1024**3
-ARCH_DIR = os.path.join(os.path.dirname(__file__), "archs")
+ARCH_DIR = os.path.join(PACKAGE_DIR, "archs")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 """Bytes per weight of bitsandbytes NF4 with double quantization: 4 bits, an 8-bit absmax per
 block of 64 and an fp32 second-level constant per 256 blocks."""
@@ -448,9 +449,9 @@ def overrides(s: Setup) -> list[str]:
 
 def trainer_batches(config: Optional[str], s: Setup) -> EffectiveBatches:
     """What the trainer makes of setup `s` on top of the run config `config` (None: the
-    defaults) at `s.gpus` ranks: the trainer's own checks (sap_dist/preflight.py), bar the
+    defaults) at `s.gpus` ranks: the trainer's own checks (sap_dist/run_control/preflight.py), bar the
     one that the backend's packages are installed here. PlanError with the trainer's refusal."""
-    from sap_dist import preflight
+    from sap_dist.run_control import preflight
     from sap_dist.config import ConfigError, load_config
 
     try:
@@ -589,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sap-dist plan", description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 formatter_class=DefaultsHelpFormatter,
-                                epilog="Every formula is in the docstring of sap_dist/plan.py.")
+                                epilog="Every formula is in the docstring of sap_dist/tools/plan.py.")
     p.add_argument("--model", help="config.json, a directory holding one, a known architecture (e.g. llama-3-70b, "
                    "meta-llama/Llama-2-7b-chat-hf) or a hub id; default: the --config's model.name_or_path")
     p.add_argument("--config", help="a sap-dist run config (YAML or preset): model, method, LoRA, sequence lengths, "

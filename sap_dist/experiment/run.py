@@ -20,10 +20,10 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    variant), `lisa` (the Lisa baseline), `mix` (plain fine-tuning with a fraction `mix_fraction`
    of refusal examples mixed into the data, as SafeInstr does), and any other method registered
    in METHODS.
-4. Each run is judged (`sap_dist.eval.evaluate`) on held-out harmful prompts (harmful score),
+4. Each run is judged (`sap_dist.evaluation.evaluate.evaluate`) on held-out harmful prompts (harmful score),
    benign prompts (over-refusal), the held-out task (accuracy), and an independent harmful set
    written by others (`independent_eval`, DoNotAnswer's test half by default:
-   `harmful_score_independent`, per risk area too; `sap_dist.independent_eval`). The start point
+   `harmful_score_independent`, per risk area too; `sap_dist.evaluation.prompt_sets`). The start point
    and the base model are judged the same way (in `sap-dist align`).
 5. The sft curve: plain fine-tuning on the poisoned data is also judged after `curve_steps`
    (inside the same run, `train_model`'s `on_step_end`), and at `curve_learning_rates`; with the
@@ -54,11 +54,10 @@ from typing import Any
 
 import torch
 
-from sap_dist.experiment_data import prepare_data  # noqa: F401  (the experiment's steps, re-exported)
-from sap_dist.experiment_report import aggregate, compare_with_curve, make_plots, markdown_table, sft_curve
-from sap_dist.experiment_runs import eval_sets, run_one
-from sap_dist.experiment_settings import (METHOD_LABELS, METHODS, PRESETS, ExperimentSettings,  # noqa: F401
-                                          settings_from)
+from sap_dist.experiment.data import prepare_data
+from sap_dist.experiment.report import aggregate, compare_with_curve, make_plots, markdown_table, sft_curve
+from sap_dist.experiment.runs import eval_sets, run_one
+from sap_dist.experiment.settings import METHODS, PRESETS, ExperimentSettings, settings_from
 
 def run_plan(s: ExperimentSettings) -> list[tuple[int, str, str, float | None]]:
     """(seed, setting, method, learning rate or None) of every fine-tuning run, seed by seed (so an
@@ -191,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-dir", help="where the aligned model is cached (default $SAP_DIST_CACHE/aligned/<hash>)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                   help="any experiment setting (see sap_dist/experiment.py ExperimentSettings), repeatable")
+                   help="any experiment setting (see ExperimentSettings in sap_dist/experiment/settings.py), repeatable")
     return p
 
 
@@ -200,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist.data import DataError
     from sap_dist.embedded import EmbeddedModelError
     from sap_dist.models import ModelLoadError
-    from sap_dist.checkpoint import EXIT_REQUEUE, Preempted
+    from sap_dist.run_control.stop import EXIT_REQUEUE, Preempted
     from sap_dist.train import TrainingStopped
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sap_dist.experiment_settings import ExperimentSettings
+    from sap_dist.experiment.settings import ExperimentSettings
 
 METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy", "over_refusal", "refusal_rate",
            "harmful_score_keyword", "harmful_score_independent_keyword", "degenerate_share",
@@ -42,7 +42,7 @@ def _mean_by_key(dicts: list[dict | None]) -> dict[str, float]:
 def aggregate(rows: list[dict]) -> dict[str, dict]:
     """Group run rows by setting/method: per metric mean/sd/min/max/n over seeds, the mean
     independent score per risk area, the model directories and the rows."""
-    from sap_dist.experiment_settings import METHOD_LABELS
+    from sap_dist.experiment.settings import METHOD_LABELS
 
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -67,7 +67,7 @@ def sft_curve(rows: list[dict], start: dict | None, setting: str) -> dict:
     """Points of plain fine-tuning (`sft` rows of `setting` that carry a `curve`, every learning
     rate) per seed, and their means over seeds per (learning rate, step); the start point (the
     aligned model, no fine-tuning) is step 0."""
-    from sap_dist.experiment_runs import CURVE_METRICS
+    from sap_dist.experiment.runs import CURVE_METRICS
 
     points = []
     if start and start.get("task_accuracy") is not None:
@@ -142,7 +142,7 @@ def independent_label(s: ExperimentSettings) -> str:
 def judge_note() -> str:
     """Which judge the harmful scores come from, and its measured agreement with the project's
     labelled answers (docs/judging.md)."""
-    from sap_dist.judges import make_judge
+    from sap_dist.evaluation.judges import make_judge
 
     info = make_judge().describe()
     test = (info.get("agreement") or {}).get("test")

@@ -18,7 +18,7 @@ INDEPENDENT_KEYS = ("harmful_score_independent", "refusal_rate_independent", "n_
 def load_independent(source: str, n: int | None = None) -> list[dict]:
     """The independent prompt rows, or `n` of them spread evenly over the file (the bundled files
     are ordered by risk area, so the first N rows would cover only the first areas)."""
-    from sap_dist.eval import load_prompts
+    from sap_dist.evaluation.evaluate import load_prompts
 
     rows = load_prompts(source)
     if n is None or n >= len(rows):
@@ -38,10 +38,10 @@ def scores_by(rows: list[dict], field: str) -> dict[str, float]:
 
 def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
                          progress: bool = True, group_field: str = "risk_area") -> dict:
-    """Generate greedily for `prompts` (prompt rows, `sap_dist.eval.load_prompts`) and judge with
+    """Generate greedily for `prompts` (prompt rows, `sap_dist.evaluation.evaluate.load_prompts`) and judge with
     the default judge (the keyword judge's score beside it); returns the `INDEPENDENT_KEYS` and
     `independent` (every prompt with its answer and verdict). No prompts: the scores are None."""
-    from sap_dist.eval import evaluate
+    from sap_dist.evaluation.evaluate import evaluate
 
     if not prompts:
         return {k: None for k in INDEPENDENT_KEYS} | {"n_independent": 0, "independent": []}

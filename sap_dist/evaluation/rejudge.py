@@ -101,7 +101,7 @@ def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sap_dist.help_format import DefaultsHelpFormatter
-    from sap_dist.judges import DEFAULT_JUDGE, JUDGES
+    from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES
 
     p = argparse.ArgumentParser(prog="sap-dist judge", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.judges import make_judge
+    from sap_dist.evaluation.judges import make_judge
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give ANSWERS and --out (or --agreement)")
     try:
         if args.agreement:
-            from sap_dist.judge_labels import agreement, load_labels
+            from sap_dist.evaluation.judge_labels import agreement, load_labels
 
             labelled = load_labels(split=args.split)
         else:
