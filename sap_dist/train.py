@@ -460,11 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sap-dist train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune with plain SFT or SAP.\n\n"
-                    "Every setting is a config key section.key (sections: model, weights, data, sap, train, dist,\n"
-                    "checkpoint). Set it in a YAML file given with --config, or override it on the command line\n"
-                    "as section.key=value or --section.key value (the command line wins). For example:\n"
+        description="Fine-tune with SAP, plain SFT, Lisa or the safety anchor (the key `method`).\n\n"
+                    "Every setting is a config key: `method` (sft, sap, lisa, anchor, sap+anchor, ...) or section.key\n"
+                    "(sections: model, weights, data, sap, lisa, anchor, train, dist, checkpoint). Set it in a YAML\n"
+                    "file given with --config, or override it on the command line as key=value or --key value\n"
+                    "(the command line wins). For example:\n"
                     "  sap-dist train --config tiny train.max_steps=10 --sap.rho 0.1\n"
+                    "  sap-dist train --config tiny method=sap+anchor anchor.weight=3\n"
                     "  sap-dist train --config my.yaml --model HuggingFaceTB/SmolLM2-135M-Instruct",
         epilog="Every key with its type, default and meaning: `sap-dist config` (or --help-config). The resolved "
                "config of a command line, without training: `sap-dist config --config FILE [overrides]`; with "

@@ -420,7 +420,7 @@ def _has_checkpointing() -> bool:
     from sap_dist.config import all_keys
 
     try:
-        from sap_dist.run_control.checkpoint import EXIT_REQUEUE  # noqa: F401
+        from sap_dist.run_control.stop import EXIT_REQUEUE  # noqa: F401
     except ImportError:
         return False
     trainer = (ROOT / "sap_dist" / "train.py").read_text()
@@ -547,7 +547,7 @@ def test_a_lock_left_by_a_killed_job_step_is_taken_over_by_the_next_job(cluster,
     from sap_dist.run_control.stop import RunLock
 
     out = tmp_path / "run"
-    take = f"from sap_dist.run_control.checkpoint import RunLock; RunLock({str(out)!r}).acquire(); import os; os._exit(9)"
+    take = f"from sap_dist.run_control.stop import RunLock; RunLock({str(out)!r}).acquire(); import os; os._exit(9)"
     job = cluster.sbatch("--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/%j.out", "--wrap",
                          f"srun {sys.executable} -c {shlex.quote(take)}", env=cluster.env(PYTHONPATH=str(ROOT)), cwd=tmp_path)
     cluster.wait(job)

@@ -1,6 +1,6 @@
 """The one interface every training backend implements.
 
-The SAP step (`sap_dist.sap`) and the trainer (`sap_dist.train`) are written once against
+The methods' steps (`sap_dist.methods`) and the trainer (`sap_dist.train`) are written once against
 `Backend`; nothing outside `sap_dist/backends/` names a backend. Each method states what SAP
 needs from it (see docs/SAP.md, "What distributed training must keep true").
 

@@ -238,9 +238,14 @@ class DeepSpeedBackend(ProcessGroupOps):
             self.optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
         self.engine.backward(loss)
         if stash is not None:
-            for g, old in zip(self._local_grads(), stash):
+            opt = self.optimizer
+            for p, g, old in zip(self._z2_params(), self._local_grads(), stash):
                 if g is not None and old is not None:
                     g.add_(old.view_as(g))
+                    if opt.cpu_offload:
+                        # offloaded ZeRO-2 clips with per-parameter norms recorded when this
+                        # backward reduced its own gradient: record the accumulated one's
+                        self._record_offload_norm(p, g)
         self._holds_grads = True
 
     def probe_grad(self, loss: torch.Tensor, probe: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -447,8 +452,6 @@ class DeepSpeedBackend(ProcessGroupOps):
                 g[:valid] += (w.float() - s.to(w.device).float()).to(g.device) * rho
                 opt.set_local_grad_for_param(g, p)
             return
-        from deepspeed.runtime.zero.utils import get_norm_dtype
-
         for p, w, s, g in zip(self._z2_params(), masters, saved, self._local_grads()):
             if g is None:
                 raise RuntimeError("ZeRO-2 holds no gradient to add the proximal term to; call backward first")
@@ -456,7 +459,13 @@ class DeepSpeedBackend(ProcessGroupOps):
             if opt.cpu_offload:
                 # with the optimizer offloaded, ZeRO-2 clips with per-parameter norms recorded
                 # when the gradient was reduced (before this term): record the new one, as it does
-                opt.norm_for_param_grads[opt.get_param_id(p)] = g.to(get_norm_dtype()).norm(2)
+                self._record_offload_norm(p, g)
+
+    def _record_offload_norm(self, p, g: torch.Tensor) -> None:
+        """Offloaded ZeRO-2: the per-parameter gradient norm its clipping reads, set to `g`'s."""
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+
+        self.optimizer.norm_for_param_grads[self.optimizer.get_param_id(p)] = g.to(get_norm_dtype()).norm(2)
 
     def local_shapes(self) -> list[torch.Size]:
         return [w.shape for w in self._local_weights()]

@@ -13,6 +13,7 @@ nothing is gathered under ZeRO-3 or FSDP2.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,9 @@ def anchor_batch(prompts: list[list[int]], positions: int, pad_id: int, device) 
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, index.to(device)
 
 
-def final_hidden(model: torch.nn.Module, batch: dict, index: torch.Tensor) -> torch.Tensor:
-    """[K, positions, hidden] final hidden states at `index` (the LM head computes one position only)."""
+def final_hidden(model: torch.nn.Module, batch: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([K, positions, hidden] final hidden states at `index`, the logits of one position: the LM
+    head computes no more)."""
     try:
         out = model(**batch, output_hidden_states=True, logits_to_keep=1)
     except TypeError as err:
@@ -94,7 +96,17 @@ def final_hidden(model: torch.nn.Module, batch: dict, index: torch.Tensor) -> to
             raise
         out = model(**batch, output_hidden_states=True)
     hidden = out.hidden_states[-1]
-    return torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+    return torch.gather(hidden, 1, index.unsqueeze(-1).expand(-1, -1, hidden.size(-1))), out.logits
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def build(cfg: AnchorConfig, setup: RunSetup):
@@ -106,21 +118,20 @@ def build(cfg: AnchorConfig, setup: RunSetup):
     prompts = anchor_prompts(setup.safety_pairs, cfg.prompts, setup.seed)
     batch, index = anchor_batch(prompts, cfg.positions, setup.pad_id, backend.device)
     state = AnchorState()
-    model = backend.model
-    training = model.training
-    model.eval()  # the targets without dropout
-    try:
-        with torch.no_grad():
-            state.targets = final_hidden(model, batch, index).float().cpu()
-    finally:
-        model.train(training)
+    with torch.no_grad(), _eval_mode(backend.model):
+        state.targets = final_hidden(backend.model, batch, index)[0].float().cpu()
 
     def apply(backend, metrics: dict) -> None:
-        hidden = final_hidden(backend.model, batch, index).float()
-        mse = F.mse_loss(hidden, state.targets.to(hidden.device))
+        # without dropout, as the targets were taken: the term compares the function, not a
+        # dropout sample of it
+        with _eval_mode(backend.model):
+            hidden, logits = final_hidden(backend.model, batch, index)
+        mse = F.mse_loss(hidden.float(), state.targets.to(hidden.device))
         # every rank computes the same loss over all K anchors: the data-parallel mean of its
-        # gradient is that gradient, at any world size
-        backend.backward(cfg.weight * mse)
+        # gradient is that gradient, at any world size. The zero-weighted logits give every
+        # trained weight a gradient (an untied LM head gets none from the hidden states), which
+        # DDP's and ZeRO-2's reduction of whole buckets needs.
+        backend.backward(cfg.weight * mse + 0.0 * logits.float().sum())
         metrics["anchor_mse"] = float(backend.all_reduce_mean_(mse.detach().clone()))
 
     return state, apply

@@ -49,7 +49,7 @@ import torch
 from sap_dist.backends.checkpointing import fsync_dir, save_synced
 from sap_dist.config import Config, ConfigError, to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped when the layout changes; a checkpoint of another version is refused."""
 
 META = "meta.json"

@@ -17,7 +17,7 @@ from sap_dist.config import ConfigError
 RUN_FILE_PATTERNS = (
     # sap-dist's own
     "config.yaml", "metrics.jsonl", "summary.json", "probe.pt", "sap_dist_model.json",
-    # the run lock and the requeue marker (sap_dist.run_control.checkpoint.RUN_LOCK, REQUEUE_MARKER)
+    # the run lock and the requeue marker (sap_dist.run_control.stop.RUN_LOCK, REQUEUE_MARKER)
     ".lock", ".requeue", ".requeue.*.tmp",
     # the saved adapter or model (peft and transformers save_pretrained)
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.insert(1, ("single", threads))
         for backend, threads in runs:
             label = backend if threads is None else f"single@{threads}thr"
-            out = os.path.join(work, f"{label}-{shown}")
+            out = os.path.join(work, f"{label}-{shown}".replace("/", "-"))  # `sap+anchor/paper`: one folder
             shutil.rmtree(out, ignore_errors=True)
             print(f"running {label} / {shown} ...", flush=True)
             ok, log, seconds = run_one(backend, variant, out, args, threads, setting)

@@ -241,6 +241,8 @@ class Setup:
     safety_per_gpu: int = 1
     probe_layers: int = 2
     sap: bool = True
+    run_method: str = "sap"
+    """The run's `method` key (a config's, or `sft` for --sft), kept in the printed overrides."""
     safety_every: int = 4
     """sap.safety_every: above 1, SAP keeps g/|g| between safety passes (T x 4 / N more)."""
     activation_checkpointing: bool = False
@@ -442,8 +444,8 @@ def overrides(s: Setup) -> list[str]:
     key = checkpointing_key()
     if key:
         out.append(f"{key}={str(s.activation_checkpointing).lower()}")
-    if not s.sap:
-        out.append("method=sft")
+    if s.run_method != "sap":
+        out.append(f"method={s.run_method}")
     return out
 
 
@@ -646,7 +648,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             base, method=cfg.weights.method, dtype=cfg.model.dtype, lora_r=cfg.weights.lora_r,
             target_modules=list(cfg.weights.target_modules), seq_len=cfg.data.max_length,
             safety_seq_len=cfg.data.safety_max_length,
-            sap=registry.select(cfg.method).method.plan_memory == "probe",
+            sap=registry.select(cfg.method).method.plan_memory == "probe", run_method=cfg.method,
             probe_layers=len(cfg.sap.probe_layers) if cfg.sap.probe_layers else 2,
             safety_every=cfg.sap.safety_every,
             backend=cfg.dist.backend if cfg.dist.backend in ("zero3", "fsdp2") else base.backend,
@@ -667,6 +669,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         changes["target_modules"] = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if args.sft:
         changes["sap"] = False
+        changes["run_method"] = "sft"
     base = dataclasses.replace(base, **changes)
     if batch_size is not None:
         try:
