@@ -463,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune with SAP, plain SFT, Lisa or the safety anchor (the key `method`).\n\n"
                     "Every setting is a config key: `method` (sft, sap, lisa, anchor, sap+anchor, ...) or section.key\n"
                     "(sections: model, weights, data, sap, lisa, anchor, train, dist, checkpoint). Set it in a YAML\n"
-                    "file given with --config, or override it on the command line as key=value or --key value\n"
-                    "(the command line wins). For example:\n"
+                    "file given with --config, or override it on the command line as section.key=value or\n"
+                    "--section.key value (the command line wins). For example:\n"
                     "  sap-dist train --config tiny train.max_steps=10 --sap.rho 0.1\n"
                     "  sap-dist train --config tiny method=sap+anchor anchor.weight=3\n"
                     "  sap-dist train --config my.yaml --model HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -193,9 +193,10 @@ def sections() -> list[tuple[str, type, str]]:
 
 
 def names() -> list[str]:
-    """What the `method` key accepts: every method and term alone, and each method with each term."""
+    """Every distinct thing the `method` key selects: each method and term alone, and each other
+    method with each term (`sft+anchor` is `anchor`, which `select` also accepts)."""
     base = list(methods())
-    return base + list(terms()) + [f"{m}+{t}" for m in base for t in terms()]
+    return base + list(terms()) + [f"{m}+{t}" for m in base if m != "sft" for t in terms()]
 
 
 def select(key: str) -> Selection:

@@ -253,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist import methods as registry
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in registry.names()]
+    bad = []
+    for m in methods:
+        try:
+            registry.select(m)
+        except ValueError:
+            bad.append(m)
     if bad:
         print(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(registry.names())}", file=sys.stderr)
         return 2
