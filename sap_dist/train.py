@@ -316,11 +316,7 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
     selection = methods.select(cfg.method)
     section = selection.section(cfg)
     setup = RunSetup(backend, probe, safety, tokenizer.pad_token_id, cfg.train.seed)
-    state = methods.RunState(selection.method.new_state(section, setup))
-    term_steps = []
-    for term in selection.terms:  # before any step: a term's targets come from the start weights
-        state.terms[term.name], apply = term.build(getattr(cfg, term.section), setup)
-        term_steps.append(apply)
+    state, term_steps = methods.start(selection, cfg, setup)  # before any step: targets from the start weights
     torch.manual_seed(cfg.train.seed + backend.rank)  # dropout differs per rank, like data
     # Resume: backend state, SAP state, this rank's RNG and the metrics rows of the newest
     # usable checkpoint. The data position is the step itself (Batches depends on step and seed).

@@ -161,6 +161,17 @@ class Selection:
         return "+".join([own] + [t.name for t in self.terms])
 
 
+def start(selection: Selection, config: Any, setup: RunSetup) -> tuple[RunState, list[Callable[[Any, dict], None]]]:
+    """A run's state before its first step (the method's and each term's: a term's targets come
+    from the weights as they are now) and the terms' apply functions, in order."""
+    state = RunState(selection.method.new_state(selection.section(config), setup))
+    applies = []
+    for term in selection.terms:
+        state.terms[term.name], apply = term.build(getattr(config, term.section), setup)
+        applies.append(apply)
+    return state, applies
+
+
 @functools.lru_cache(maxsize=1)
 def _registry() -> tuple[dict[str, Method], dict[str, Term]]:
     methods: dict[str, Method] = {}

@@ -33,7 +33,7 @@ import torch
 
 from sap_dist import methods as registry
 from sap_dist.config import Config, ConfigError, apply_overrides, load_config, validate
-from sap_dist.methods import RunSetup, RunState
+from sap_dist.methods import RunSetup
 
 PRESETS = {
     # the tiny config is exact at every step (for backend checks): probe every 2 steps on half the batch here
@@ -171,12 +171,8 @@ def run_bench(cfg: Config, repeats: int, warmup: int = 1, candidates: dict[str, 
             probes[name] = by_layers[ids]
         else:
             probes[name] = None
-        setup = RunSetup(backend, probes[name], safety, pad, cfg.train.seed)
-        states[name] = RunState(selection.method.new_state(selection.section(m), setup))
-        terms[name] = []
-        for term in selection.terms:
-            states[name].terms[term.name], apply = term.build(getattr(m, term.section), setup)
-            terms[name].append(apply)
+        states[name], terms[name] = registry.start(selection, m, RunSetup(backend, probes[name], safety, pad,
+                                                                          cfg.train.seed))
     cycle = block_steps(methods)
     task_batches = Batches(task, cfg.train.batch_size, cfg.train.seed, backend.rank, backend.world_size)
     pair_batches = {}
