@@ -4,6 +4,7 @@ as one process does, and resumes mid-run exactly. Plus the safety anchor's own m
 
 from __future__ import annotations
 
+import math
 import os
 import pkgutil
 import shutil
@@ -24,6 +25,17 @@ def every_method() -> list[str]:
     """Each method alone and each term with each method (plain fine-tuning's is the term alone)."""
     return list(registry.methods()) + [f"{m}+{t}" if m != "sft" else t
                                        for t in registry.terms() for m in registry.methods()]
+
+
+def covering_cases() -> list[tuple[str, list[str]]]:
+    """The fewest runs that take every registered method's step and every term's through a
+    run, with their extra overrides: each method once, every method but plain fine-tuning with
+    every term attached (a term alone is plain fine-tuning's step plus the term, both covered
+    here). The last case with terms runs the anchor's KL variant, so both of its losses are covered."""
+    terms = "+".join(registry.terms())
+    cases = [(m if m == "sft" else f"{m}+{terms}", []) for m in registry.methods()]
+    [with_terms for with_terms in cases if "+" in with_terms[0]][-1][1].append("anchor.loss=kl")
+    return cases
 
 
 def test_every_module_declares_a_method_or_a_term():
@@ -72,12 +84,12 @@ def test_bench_equivalence_and_experiment_read_the_registry():
 
 
 def test_every_method_matches_one_process_on_every_backend(tmp_path):
-    """Every registered method and term, one process on each of the five backends (their own
-    code paths: DDP's reducer, ZeRO's partitioned gradients, FSDP2's sharded parameters),
-    trains what the plain one-process run trains: at every step the same task loss, global
-    gradient norm and (for the anchor) anchor loss, within 1e-5 relative (fp32 sums of a few
-    hundred terms in another order: 1e-7 seen). The gradient norm is the one the optimizer
-    clips: a backend that dropped or doubled a term's backward would show it at once (at
+    """Every registered method and term (`covering_cases`), one process on each of the five
+    backends (their own code paths: DDP's reducer, ZeRO's partitioned gradients, FSDP2's sharded
+    parameters), trains what the plain one-process run trains: at every step the same task
+    loss, global gradient norm and anchor loss, within 1e-5 relative (fp32 sums of a few hundred
+    terms in another order: 1e-7 seen). The gradient norm is the one the optimizer clips: a
+    backend that dropped or doubled a term's backward would show it at once (at
     anchor.weight=300 the anchor takes step 2's norm from 2.8 to 641). The weights themselves
     are compared element by element in tests/test_equivalence.py; here, Adam's per-element
     normalisation turns near-cancelling LoRA-A gradients' rounding into differences of up to
@@ -87,26 +99,32 @@ def test_every_method_matches_one_process_on_every_backend(tmp_path):
 
     from sap_dist.tools.equivalence import cases_of, main
 
-    main(["--backends", ",".join(BACKENDS), "--methods", ",".join(every_method()), "--variants", "paper",
-          "--settings", "exact", "--nproc", "1", "--steps", "3", "--no-noise-floor", "--work-dir", str(tmp_path),
-          "anchor.weight=300"])
-    compared = ("task_loss", "grad_norm", "anchor_mse", "align_loss", "safety_loss")
-    for case in every_method():
+    compared = ("task_loss", "grad_norm", "anchor_mse", "anchor_kl", "align_loss", "safety_loss")
+    # KL(p_start || p) = sum p_start log p_start - sum p_start log p: two sums of the entropy's size
+    # (at most log V) that cancel to a small KL, so its fp32 rounding is absolute, ~log V * 2^-24 each
+    floor = {"anchor_kl": math.log(49152) * 2 ** -23}  # V: the embedded tokenizer's vocabulary
+    for case, extra in covering_cases():
+        work = tmp_path / case.replace("+", "-")
+        assert main(["--backends", ",".join(BACKENDS), "--methods", case, "--variants", "paper",
+                     "--settings", "exact", "--nproc", "1", "--steps", "3", "--no-noise-floor",
+                     "--work-dir", str(work), "anchor.weight=300", *extra]) in (0, 1)
         folder = cases_of([case], ["paper"])[0].replace("/", "-")  # as check-equivalence names the runs
         rows = {}
         for backend in BACKENDS:
-            path = tmp_path / f"{backend}-{folder}" / "metrics.jsonl"
-            assert path.exists(), (case, backend, (tmp_path / f"{backend}-{folder}.log").read_text()[-3000:])
+            path = work / f"{backend}-{folder}" / "metrics.jsonl"
+            assert path.exists(), (case, backend, (work / f"{backend}-{folder}.log").read_text()[-3000:])
             rows[backend] = [json.loads(line) for line in path.read_text().splitlines()]
         want = rows["single"]
-        assert len(want) == 3 and ("anchor" not in case or want[1]["anchor_mse"] > 0)
+        anchor_key = "anchor_kl" if "anchor.loss=kl" in extra else "anchor_mse"
+        assert len(want) == 3 and ("anchor" not in case or want[1][anchor_key] > 0)
         for backend in BACKENDS[1:]:
             got = rows[backend]
             assert len(got) == len(want), (case, backend)
             for g, w in zip(got, want):
                 for key in (k for k in compared if k in w):
                     scale = max(abs(r[key]) for r in want if key in r)  # the anchor loss is 0 at step 1
-                    assert abs(g[key] - w[key]) <= 1e-5 * scale, (case, backend, w["step"], key, g[key], w[key])
+                    assert abs(g[key] - w[key]) <= 1e-5 * scale + floor.get(key, 0.0), (
+                        case, backend, w["step"], key, g[key], w[key])
 
 
 COMMON = ["--config", "tiny", "train.progress_bar=false", "train.tensorboard=false", "weights.lora_dropout=0.1",
@@ -121,21 +139,22 @@ def _train(out, method: str, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", every_method())
-def test_every_method_resumes_mid_run_exactly(method, tmp_path):
+@pytest.mark.parametrize("method,extra", covering_cases(), ids=[c for c, _ in covering_cases()])
+def test_every_method_resumes_mid_run_exactly(method, extra, tmp_path):
     """Stopped after step 2 (mid-cycle for Lisa and SAP's stored direction, with a term's
-    targets in the checkpoint) and resumed, every method ends bitwise equal to the run that
-    was never stopped, its metrics rows included (dropout on: the RNG state is restored too)."""
+    targets in the checkpoint) and resumed, every method and term (`covering_cases`) ends
+    bitwise equal to the run that was never stopped, its metrics rows included (dropout on: the
+    RNG state is restored too)."""
     from safetensors.torch import load_file
 
     ref = tmp_path / "ref"
-    _train(ref, method)
+    _train(ref, method, *extra)
     out = tmp_path / "resumed"
     shutil.copytree(ref, out)
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     for name in ("adapter_model.safetensors", "summary.json"):
         os.remove(out / name)
-    _train(out, method, "checkpoint.resume_from=auto")
+    _train(out, method, *extra, "checkpoint.resume_from=auto")
     got, want = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time_", "step_time", "tokens_per_s"))}  # noqa: E731
@@ -151,10 +170,13 @@ def test_every_method_resumes_mid_run_exactly(method, tmp_path):
 # The safety anchor's mathematics
 
 
-def test_anchor_loss_and_gradient_match_a_hand_computation():
+@pytest.mark.parametrize("loss", ["mse", "kl"])
+def test_anchor_loss_and_gradient_match_a_hand_computation(loss):
     """The anchor term backpropagates weight * mean((h - h_start)^2) over anchors, positions
-    and hidden units, h the final hidden state at the last prompt tokens: its gradient equals
-    autograd of that formula written out here, and it is zero at the start weights."""
+    and hidden units, h the final hidden state at the last prompt tokens (`mse`), or weight *
+    mean KL(p_start || p) of the next-token distributions there (`kl`): its gradient equals
+    autograd of that formula written out here, one prompt at a time, and it is zero at the start
+    weights (mse; kl's loss)."""
     from sap_dist.backends.single import SingleBackend
     from sap_dist.backends.common import OptimizerSpec
     from sap_dist.methods import RunSetup
@@ -166,15 +188,17 @@ def test_anchor_loss_and_gradient_match_a_hand_computation():
     backend = SingleBackend(model, OptimizerSpec(lr=1e-3))
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     pairs = [{"harmful": {"input_ids": p + [3, 4], "labels": [-100] * len(p) + [3, 4]}} for p in prompts]
-    anchor = AnchorConfig(weight=2.0, prompts=3, positions=2)
+    anchor = AnchorConfig(weight=2.0, prompts=3, positions=2, loss=loss)
     state, apply = build(anchor, RunSetup(backend, safety_pairs=pairs, pad_id=0, seed=0))
-    assert state.targets.shape == (3, 2, model.get_base_model().config.hidden_size)
+    config = model.get_base_model().config
+    assert state.targets.shape == (3, 2, config.hidden_size if loss == "mse" else config.vocab_size)
 
     backend.zero_grad()
     metrics = {}
     apply(backend, metrics)
-    assert metrics["anchor_mse"] == 0.0  # the start weights reproduce their own targets
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters() if p.requires_grad)
+    assert metrics[f"anchor_{loss}"] == 0.0  # the start weights reproduce their own targets
+    if loss == "mse":  # kl's gradient at the start is p * (sum(p) - 1): the rounding of a sum of 49k terms
+        assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters() if p.requires_grad)
 
     with torch.no_grad():  # move the trained weights, then compare with the formula by hand
         for p in model.parameters():
@@ -186,8 +210,13 @@ def test_anchor_loss_and_gradient_match_a_hand_computation():
     model.zero_grad()
     losses = []
     for k, prompt in enumerate(anchor_prompts(pairs, 3, seed=0)):
-        hidden = model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
-        losses.append(((hidden[-2:] - state.targets[k]) ** 2).mean())
+        out = model(input_ids=torch.tensor([prompt]), output_hidden_states=True)
+        if loss == "mse":
+            losses.append(((out.hidden_states[-1][0, -2:] - state.targets[k]) ** 2).mean())
+        else:
+            start, now = state.targets[k], torch.log_softmax(out.logits[0, -2:], dim=-1)
+            losses.append((start.exp() * (start - now)).sum(-1).mean())
+    assert metrics[f"anchor_{loss}"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
     (anchor.weight * torch.stack(losses).mean()).backward()
     want = [p.grad for p in model.parameters() if p.requires_grad]
     scale = max(float(w.abs().max()) for w in want)
