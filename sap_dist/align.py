@@ -8,7 +8,8 @@ safe-fine-tuning literature prepares its starting point, and measure the result.
    model to refuse harmless questions). An answer cut by the token limit is trimmed to its last
    full sentence; answers that are themselves refusals are left out.
 2. LoRA fine-tuning (the trainer, `method=sft`) on harmful prompts -> refusals (the `align`
-   pool of `builtin:harmful_train`) plus benign instructions -> those answers.
+   pool of `builtin:harmful_train`) plus benign instructions -> those answers. `--method booster`
+   aligns with Booster instead (the harmful answers of `data.safety`, docs/baselines.md).
 3. The adapter is merged into the base weights and saved as a plain transformers model directory
    `DIR/model` (with the tokenizer): any `model.name_or_path` can point at it.
 4. Base and aligned models are evaluated on held-out harmful prompts (refusal rate, harmful score),
@@ -57,6 +58,11 @@ class AlignSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    method: str = "sft"
+    """The trainer's method for the alignment: `sft`, or an alignment-stage defence such as
+    `booster` (which also reads the trainer's `data.safety`)."""
+    trainer_overrides: list[str] = field(default_factory=list)
+    """Trainer `section.key=value` overrides on top of the alignment's own, e.g. `booster.lamb=5`."""
     epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 8
@@ -221,6 +227,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
     from sap_dist.train import train_model
 
     key, eval_key = s.key(), s.eval_key()
+    load_config(None, [*s.trainer_overrides, f"method={s.method}"])  # bad settings stop before any work
     report_path = os.path.join(out_dir, REPORT)
     model_dir = os.path.join(out_dir, "model")
     if reuse and os.path.exists(report_path):
@@ -257,13 +264,13 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
         "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
         "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
         "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
-        "data.task": data_path, "data.max_length": s.max_length, "method": "sft",
+        "data.task": data_path, "data.max_length": s.max_length, "method": s.method,
         "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
         "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
         "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,
         "checkpoint.every_steps": 0,
     }
-    cfg = load_config(None, [])
+    cfg = load_config(None, list(s.trainer_overrides))
     _set_all(cfg, overrides)
     result = train_model(cfg)
     merged = result.model.merge_and_unload()
@@ -350,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign-train", default=d.benign_train)
     p.add_argument("--n-harmful", type=int)
     p.add_argument("--n-benign", type=int)
+    p.add_argument("--method", default=d.method,
+                   help="the trainer's method for the alignment: sft, or booster (Booster, an alignment-stage defence)")
+    p.add_argument("--set", dest="trainer_overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a trainer override on top of the alignment's own (repeatable), e.g. booster.lamb=5")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -378,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     s = AlignSettings(threads=args.threads, model=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
                       harmful_train=args.harmful_train, benign_train=args.benign_train, n_harmful=args.n_harmful,
-                      n_benign=args.n_benign, epochs=args.epochs, max_steps=args.max_steps,
+                      n_benign=args.n_benign, method=args.method, trainer_overrides=args.trainer_overrides,
+                      epochs=args.epochs, max_steps=args.max_steps,
                       learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                       batch_size=args.batch_size, harmful_eval=args.harmful_eval, benign_eval=args.benign_eval,
                       n_harmful_eval=args.limit_eval, n_benign_eval=args.limit_eval,

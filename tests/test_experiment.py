@@ -299,3 +299,30 @@ def test_experiment_cli_errors(tmp_path, capsys):
     assert experiment.main(["--preset", "tiny", "--out", str(tmp_path), "--set", "method_seeds={mix: 1}"]) == 2
     assert "method_seeds must map" in capsys.readouterr().err
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_align_with_booster_and_a_bad_override(tmp_path, capsys, monkeypatch):
+    """`sap-dist align --method booster` aligns with Booster's step (its metrics rows carry the
+    simulated harmful step) under its own cache key; a bad trainer override is refused with one
+    line and exit 2 before anything is written."""
+    from sap_dist import align
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = ["--model", "tiny-random-llama", "--dtype", "fp32", "--n-harmful", "8", "--n-benign", "4",
+              "--max-steps", "2", "--batch-size", "4", "--limit-eval", "2", "--max-new-tokens", "4", "--no-base-eval"]
+    out = tmp_path / "booster"
+    assert align.main(common + ["--out", str(out), "--method", "booster", "--set", "booster.lamb=2"]) == 0
+    report = json.loads((out / "align_report.json").read_text())
+    assert report["settings"]["method"] == "booster" and report["settings"]["trainer_overrides"] == ["booster.lamb=2"]
+    rows = [json.loads(line) for line in (out / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["booster_degenerate"] == 0 and "harmful_drop" in r for r in rows)
+    assert json.loads((out / "adapter" / "summary.json").read_text())["method"] == "booster"
+    plain = align.AlignSettings(model="tiny-random-llama")
+    assert align.AlignSettings(model="tiny-random-llama", method="booster").key() != plain.key()
+
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert align.main(common + ["--out", str(bad), "--method", "booster", "--set", "booster.lamb=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "booster.lamb must be 0 or positive" in err[0]
+    assert not bad.exists()

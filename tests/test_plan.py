@@ -79,6 +79,32 @@ def test_stored_safety_direction_by_hand(offload_optimizer):
     assert memory(arch, dataclasses.replace(plain, safety_every=4)) == memory(arch, plain)
 
 
+@pytest.mark.parametrize("offload_optimizer", [False, True])
+def test_lisa_and_booster_weight_copy_by_hand(offload_optimizer, tmp_path):
+    """A method that keeps a copy of the trained weights (Lisa's proximal centre, Booster's
+    restore point: `plan_memory="master_copy"`) costs T x 4 / N more per GPU, in CPU memory
+    under optimizer offload; a run config's method decides it."""
+    import dataclasses
+
+    import yaml
+
+    from sap_dist.config import load_config, resolve_config_path
+    from sap_dist.tools.plan import build_parser, plan_from_args
+
+    arch = load_arch("llama-3-70b")
+    plain = Setup(method="full", backend="zero3", gpus=16, offload_optimizer=offload_optimizer, sap=False)
+    copied = memory(arch, dataclasses.replace(plain, weight_copy=True))
+    where, other = ("host", "total") if offload_optimizer else ("total", "host")
+    assert copied[where] - memory(arch, plain)[where] == L70_P * 4 / 16
+    assert copied[other] == memory(arch, plain)[other]
+    for method, copy in [("lisa", True), ("booster", True), ("sap", False), ("sft", False)]:
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump({**yaml.safe_load(open(resolve_config_path("tiny"))), "method": method}))
+        assert load_config(str(path)).method == method
+        args = build_parser().parse_args(["--config", str(path), "--gpus", "2", "--gpu-memory", "4"])
+        assert plan_from_args(args).base.weight_copy is copy, method
+
+
 def test_70b_full_zero3_16_gpus_by_hand():
     s = Setup(method="full", backend="zero3", gpus=16, dtype="bf16", seq_len=256, safety_seq_len=256,
               batch_per_gpu=1, safety_per_gpu=1, safety_every=1)

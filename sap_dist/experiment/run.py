@@ -108,7 +108,8 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                             independent_eval=s.independent_eval, n_independent_eval=s.n_independent_eval,
                             max_new_tokens=s.max_new_tokens, task_max_new_tokens=s.task_max_new_tokens,
                             eval_batch_size=s.eval_batch_size, eval_attn_implementation=s.eval_attn_implementation,
-                            threads=s.align_threads)
+                            threads=s.align_threads, method=s.align_method,
+                            trainer_overrides=list(s.align_trainer_overrides))
     if s.align:
         align_dir = align_dir or os.path.join(_align_root(), align_s.key())
         t0 = time.time()

@@ -27,6 +27,11 @@ class ExperimentSettings:
     attn_implementation: str | None = None
     align: bool = True
     """Align the model first (`sap-dist align`); false: fine-tune `model` as it is."""
+    align_method: str = "sft"
+    """How the start point is aligned: `sft`, or `booster` (an alignment-stage defence; the
+    fine-tuning methods then start from a Booster-aligned model)."""
+    align_trainer_overrides: list[str] = field(default_factory=list)
+    """Trainer overrides for the alignment, e.g. `booster.lamb=5`."""
     align_epochs: float = 2.0
     align_max_steps: int | None = None
     align_learning_rate: float = 2e-4

@@ -176,3 +176,13 @@ def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str,
 
 def vector_norm(vectors: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(v.double().pow(2).sum() for v in vectors)))
+
+
+def own_or_sap_safety_batch(section: str) -> Callable[[Any], tuple[str, int]]:
+    """`Method.safety_pairs` of a method whose `<section>.batch_size` (pairs per step, null
+    taking `sap.safety_batch_size`) sets the safety pairs it draws each step."""
+    def pairs(config: Any) -> tuple[str, int]:
+        own = getattr(config, section).batch_size
+        return (f"{section}.batch_size", own) if own is not None else ("sap.safety_batch_size",
+                                                                       config.sap.safety_batch_size)
+    return pairs

@@ -14,7 +14,8 @@ import torch
 from sap_dist.backends.base import Backend
 from sap_dist.errors import ConfigError
 from sap_dist.methods import Method, RunSetup
-from sap_dist.methods.common import PassTimer, StepInputs, check_finite, optimizer_step, task_loss
+from sap_dist.methods.common import (PassTimer, StepInputs, check_finite, optimizer_step, own_or_sap_safety_batch,
+                                     task_loss)
 
 
 @dataclass
@@ -138,8 +139,7 @@ METHOD = Method(
     config=LisaConfig,
     new_state=new_state,
     # its alignment batch: `lisa.batch_size` pairs' safe answers, null meaning sap.safety_batch_size
-    safety_pairs=lambda config: (("lisa.batch_size", config.lisa.batch_size) if config.lisa.batch_size is not None
-                                 else ("sap.safety_batch_size", config.sap.safety_batch_size)),
+    safety_pairs=own_or_sap_safety_batch("lisa"),
     optimizer_steps=lambda cfg, task_steps: lisa_optimizer_steps(task_steps, cfg),
     bench_cycle=lambda cfg: cfg.task_steps,
     bench_amortized_pass="align",

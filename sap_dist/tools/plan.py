@@ -19,6 +19,7 @@ both shard every parameter, gradient and optimizer state over all N):
 | optimizer state | ZeRO-3: T x 12 / N (fp32 master + Adam m, v); FSDP2: T x 8 / N (Adam m, v in fp32: the trained weights are fp32 masters, bf16 only in compute); 0 when offloaded |
 | optimizer step (transient) | ZeRO-3 only: the fp32 gradient of one sub-group, 4 x min(1e9, T / N) |
 | SAP extra copy + probe | the saved copy of the local shard of the trained weights, T x t / N (in CPU memory under parameter offload), the stored safety direction when `sap.safety_every` > 1 (the default 4), T x 4 / N (in CPU memory under optimizer offload), plus the probe: 5 fp32 vectors of the hidden size per probed layer |
+| Lisa/Booster weight copy | a method whose `plan_memory` is `master_copy` (Lisa's proximal centre, Booster's restore point): one fp32 copy of the local shard of the trained weights, T x 4 / N (in CPU memory under optimizer offload) |
 | gathered weights (transient) | the largest unit (decoder layer, embedding or head) gathered in full, twice (the one computing and the one prefetched): 2 x U x w (QLoRA: two dequantized linear weights); full fine-tuning adds that unit's unsharded gradient, U x t |
 | activations | the larger of SAP's task pass (b sequences of s tokens per GPU) and its safety pass (2 x b_safety sequences, safe and harmful, of s_safety tokens); per sequence of s tokens: per layer s x (4h + 2 a d + 2 kv d + 4 I) x w (norm inputs, q/k/v, attention output, gate/up/activation/product), LoRA adds s x in x 4 per adapted module per layer (its fp32 input), and the loss s x V x (w + 8) (logits, their fp32 copy and log-softmax). With activation checkpointing a layer keeps only its input, s x h x w, and one layer is recomputed at a time |
 | reserve | 2 GiB for the CUDA context, NCCL buffers and allocator fragmentation (`--reserve-gib`) |
@@ -245,6 +246,9 @@ class Setup:
     """The run's `method` key (a config's, or `sft` for --sft), kept in the printed overrides."""
     safety_every: int = 4
     """sap.safety_every: above 1, SAP keeps g/|g| between safety passes (T x 4 / N more)."""
+    weight_copy: bool = False
+    """The method keeps one fp32 copy of each rank's shard of the trained weights (Lisa's
+    proximal centre, Booster's restore point: its `plan_memory` is `master_copy`)."""
     activation_checkpointing: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -295,6 +299,9 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     # (in CPU memory with the gradients under optimizer offload)
     direction = T * 4 / n if s.sap and s.safety_every > 1 else 0.0
     out["sap_copy"] = (0.0 if off_par else T * t / n) + (0.0 if off_opt else direction) + probe if s.sap else 0.0
+    # next to the optimizer's fp32 masters it copies (on the CPU when those are offloaded)
+    copy = T * 4 / n if s.weight_copy else 0.0
+    out["method_copy"] = 0.0 if off_opt else copy
     if s.method == "qlora":
         largest = max(a * b for a, b in arch.linears().values())
         out["gathered"] = 2 * largest * w
@@ -310,9 +317,9 @@ def memory(arch: Arch, s: Setup, reserve_gib: float = 2.0) -> dict[str, float]:
     # master, Adam m and v and the fp32 gradient (16 bytes per trained parameter), and SAP's
     # stored safety direction with safety_every > 1 (4 more); the parameters (and SAP's copy of
     # the trained ones) under parameter offload
-    out["host"] = ((T * 16 / n + direction if off_opt else 0.0)
+    out["host"] = ((T * 16 / n + direction + copy if off_opt else 0.0)
                    + (base + (0 if full else T * t / n) + (T * t / n if s.sap else 0) if off_par else 0.0))
-    static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"]
+    static = out["weights"] + out["gradients"] + out["optimizer"] + out["sap_copy"] + out["method_copy"]
     out["total"] = static + max(out["gathered"] + out["activations"], out["step_transient"]) + out["reserve"]
     return out
 
@@ -486,7 +493,8 @@ def _variant_name(s: Setup) -> str:
 
 
 ROWS = [("weights", "weights"), ("gradients", "gradients"), ("optimizer", "optimizer state"),
-        ("sap_copy", "SAP extra copy + probe"), ("gathered", "gathered weights (transient)"),
+        ("sap_copy", "SAP extra copy + probe"), ("method_copy", "Lisa/Booster weight copy"),
+        ("gathered", "gathered weights (transient)"),
         ("activations", "activations"), ("step_transient", "optimizer step (transient)"),
         ("reserve", "reserve (CUDA, NCCL, fragmentation)"), ("total", "peak per GPU")]
 
@@ -649,6 +657,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             target_modules=list(cfg.weights.target_modules), seq_len=cfg.data.max_length,
             safety_seq_len=cfg.data.safety_max_length,
             sap=registry.select(cfg.method).method.plan_memory == "probe", run_method=cfg.method,
+            weight_copy=registry.select(cfg.method).method.plan_memory == "master_copy",
             probe_layers=len(cfg.sap.probe_layers) if cfg.sap.probe_layers else 2,
             safety_every=cfg.sap.safety_every,
             backend=cfg.dist.backend if cfg.dist.backend in ("zero3", "fsdp2") else base.backend,
