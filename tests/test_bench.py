@@ -25,15 +25,16 @@ def test_methods_compared():
         assert methods[name].sap.safety_every == 1
     assert methods["lisa"].method == "lisa"
     # every registered term, alone and with each method
-    assert {"anchor", "sap+anchor", "lisa+anchor"} <= set(methods)
+    assert {"anchor", "sap+anchor", "lisa+anchor", "booster", "booster+anchor"} <= set(methods)
 
 
 def test_bench_reports_every_method_with_its_passes(tmp_path):
     cfg = load_config("tiny", [f"train.output_dir={tmp_path}", "sap.probe_every=2"])
     result = run_bench(cfg, repeats=2, warmup=0)
     m = result["methods"]
-    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "anchor", "sap+anchor",
-                      "lisa+anchor"}
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "booster", "anchor",
+                      "sap+anchor", "lisa+anchor", "booster+anchor"}
+    assert set(m["booster"]["passes_s"]) == {"harmful", "train"}
     assert m["sap+anchor"]["settings"]["anchor"]["prompts"] == cfg.anchor.prompts
     # Lisa: every task step charged its share of the alignment phase (the first block has one)
     assert set(m["lisa"]["passes_s"]) == {"align", "train"} and m["lisa"]["passes_s"]["align"] > 0
@@ -61,8 +62,8 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     assert cfg.sap.probe_layers == [1, 2] and cfg.sap.safety_every == 1  # not changed in place
     result = run_bench(cfg, repeats=1, warmup=0, candidates={"top": top})
     m = result["methods"]
-    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "anchor", "sap+anchor",
-                      "lisa+anchor", "top"}
+    assert set(m) == {"sft", "sap_default", "sap_paper_exact", "sap_reference_exact", "lisa", "booster", "anchor",
+                      "sap+anchor", "lisa+anchor", "booster+anchor", "top"}
     assert m["top"]["settings"]["probe_layers"] == [3] and m["sap_default"]["settings"]["probe_layers"] == [1, 2]
     assert m["top"]["settings"]["sap"]["safety_every"] == 2 and m["top"]["settings"]["sap"]["safety_batch_size"] == 2
     assert result["steps_per_block"] == 2  # the candidate's safety interval sets the block for every method
