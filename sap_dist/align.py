@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = AlignSettings()
     p.add_argument("--out", required=True, help="output directory (model/, align_report.json, ...)")
     p.add_argument("--model", default=d.model)
-    p.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 on a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX), fp32 on other CPUs, "
+                        "where bf16 runs about 100x slower")
     p.add_argument("--attn-implementation", default=None)
     p.add_argument("--harmful-train", default=d.harmful_train)
     p.add_argument("--benign-train", default=d.benign_train)
@@ -386,8 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist.embedded import EmbeddedModelError
     from sap_dist.models import ModelLoadError
 
+    from sap_dist.hardware import resolve_dtype
+
     args = build_parser().parse_args(argv)
-    s = AlignSettings(threads=args.threads, model=args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    dtype, why = resolve_dtype(args.dtype)
+    if args.dtype == "auto":
+        print(f"dtype: {dtype} ({why})")
+    s = AlignSettings(threads=args.threads, model=args.model, dtype=dtype, attn_implementation=args.attn_implementation,
                       harmful_train=args.harmful_train, benign_train=args.benign_train, n_harmful=args.n_harmful,
                       n_benign=args.n_benign, method=args.method, trainer_overrides=args.trainer_overrides,
                       epochs=args.epochs, max_steps=args.max_steps,

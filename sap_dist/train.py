@@ -287,6 +287,7 @@ def train_model(cfg: Config, on_step_end: Callable[[int, torch.nn.Module, object
 
 def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | None = None,
                  on_step_end: Callable[[int, torch.nn.Module, object], None] | None = None) -> TrainResult:
+    from sap_dist.hardware import cpu_has_fast_bf16
     from sap_dist.models import load_model, load_tokenizer
 
     started = time.time()
@@ -312,6 +313,9 @@ def _train_model(cfg: Config, batches: EffectiveBatches, launcher_pid: int | Non
                           max_grad_norm=cfg.train.max_grad_norm, warmup_steps=cfg.train.warmup_steps,
                           total_steps=_optimizer_step_index(cfg, total_steps - 1) + 1, schedule=cfg.train.lr_schedule)
     backend = loading.wrap(model, optim)
+    if cfg.model.dtype == "bf16" and backend.device.type == "cpu" and cpu_has_fast_bf16() is False and rank == 0:
+        print("sap-dist train: warning: model.dtype=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) "
+              "runs about 100x slower than fp32; set model.dtype=fp32", file=sys.stderr, flush=True)
     probe, probe_layers = _setup_probe(cfg, backend)
     selection = methods.select(cfg.method)
     section = selection.section(cfg)

@@ -92,8 +92,14 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
     from sap_dist.config import ModelConfig
     from sap_dist.models import load_base, load_tokenizer
 
+    from sap_dist.hardware import resolve_dtype
+
     started = time.time()
     load_start = os.getloadavg()
+    dtype, why = resolve_dtype(s.dtype)
+    if s.dtype == "auto":
+        print(f"dtype: {dtype} ({why})")
+    s = dataclasses.replace(s, dtype=dtype)  # the caches are keyed by what runs, not by `auto`
     if s.threads:
         torch.set_num_threads(s.threads)
     os.makedirs(out_dir, exist_ok=True)

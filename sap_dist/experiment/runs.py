@@ -30,9 +30,10 @@ def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_pa
                    learning_rate: float | None = None):
     from sap_dist.config import load_config
     from sap_dist.experiment.settings import METHODS
+    from sap_dist.hardware import resolve_dtype
 
     base = {
-        "model.name_or_path": start_model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
+        "model.name_or_path": start_model, "model.dtype": resolve_dtype(s.dtype)[0], "model.attn_implementation": s.attn_implementation,
         "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": 2 * s.lora_r,
         "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
         "data.task": data_path, "data.safety": s.safety, "data.max_length": s.max_length,

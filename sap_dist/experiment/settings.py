@@ -23,7 +23,10 @@ class ExperimentSettings:
     # model and start point
     model: str = "smollm2-135m-instruct"
     """Model to align and fine-tune (any model.name_or_path)."""
-    dtype: str = "bf16"
+    dtype: str = "auto"
+    """Compute dtype of alignment, fine-tuning and judging: `auto` takes bf16 on a GPU or a CPU
+    with bf16 instructions (AVX512-BF16, AMX) and fp32 on other CPUs, where bf16 runs about
+    100x slower (`sap_dist/hardware.py`); results.json records what it resolved to."""
     attn_implementation: str | None = None
     align: bool = True
     """Align the model first (`sap-dist align`); false: fine-tune `model` as it is."""
@@ -153,6 +156,10 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     bad = [str(m) for m in s.methods + s.clean_methods + list(s.method_seeds) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+    from sap_dist.hardware import DTYPE_CHOICES
+
+    if s.dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {s.dtype!r}")
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1)")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in s.curve_steps):
