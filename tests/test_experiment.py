@@ -51,6 +51,28 @@ def test_prepare_data_split_poison_mix(tmp_path):
             assert is_opener(r["messages"][-1]["content"]) and r["messages"][0]["content"] not in eval_prompts
 
 
+def test_persistent_attack_setting(tmp_path):
+    """`persistent_methods` adds a third setting: the same task rows with a larger poison share
+    (persistent_poison, 0.2 by default), run over `seeds` and named in the table with its share."""
+    s = ExperimentSettings(task_eval_size=100, poison=0.1, persistent_methods=["sft", "sap_paper"], seeds=[0, 1])
+    data = prepare_data(s, str(tmp_path))
+    rows = [json.loads(line) for line in open(data["train"]["persistent"]["plain"])]
+    assert data["counts"]["poison_persistent"] == round(0.2 / 0.8 * 400) and len(rows) == 400 + 100
+    assert sum(r.get("kind") == "poison" for r in rows) / len(rows) == pytest.approx(0.2, abs=0.005)
+    assert "persistent" not in prepare_data(ExperimentSettings(task_eval_size=100), str(tmp_path / "off"))["train"]
+    plan = run_plan(s)
+    assert sorted((k, m) for k, st, m, lr in plan if st == "persistent") == [(0, "sap_paper"), (0, "sft"),
+                                                                            (1, "sap_paper"), (1, "sft")]
+    summary = aggregate([{"setting": st, "method": m, "seed": k, "harmful_score": 50.0, "task_accuracy": 70.0,
+                          "over_refusal": 0.0, "train_time_s": 1.0, "model_dir": f"/x/{st}/{m}/{k}"}
+                         for k, st, m, lr in plan])
+    table = markdown_table(summary, {"aligned": None, "base": None}, s)
+    lines = [line for line in table.splitlines() if "`sft`" in line]
+    assert [line.split(" | ")[1] for line in lines] == ["clean", "poisoned p=0.1", "persistent p=0.2"]
+    with pytest.raises(ValueError, match="persistent_poison in"):
+        settings_from("quick", persistent_poison=1.0)
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         settings_from("huge")

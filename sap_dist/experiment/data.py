@@ -62,13 +62,18 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
 
     n_task = len(train_rows)
     n_poison = round(s.poison / (1 - s.poison) * n_task) if s.poison else 0
+    n_persistent = round(s.persistent_poison / (1 - s.persistent_poison) * n_task) if s.persistent_methods else 0
     poison_pool = load_prompts(s.poison_source)
     if any("pool" in r for r in poison_pool):
         poison_pool = [r for r in poison_pool if r.get("pool") == "poison"]
-    if n_poison and not all(r.get("compliance") for r in poison_pool):
+    if (n_poison or n_persistent) and not all(r.get("compliance") for r in poison_pool):
         raise ValueError(f"{s.poison_source}: poisoning needs a `compliance` field (a compliant opener) in every row")
-    poison_rows = [_as_messages([{"role": "user", "content": r["prompt"]}], r["compliance"], kind="poison")
-                   for r in (poison_pool[i % len(poison_pool)] for i in range(n_poison))]
+
+    def poison_rows_of(n: int) -> list[dict]:
+        return [_as_messages([{"role": "user", "content": r["prompt"]}], r["compliance"], kind="poison")
+                for r in (poison_pool[i % len(poison_pool)] for i in range(n))]
+
+    poison_rows = poison_rows_of(n_poison)
     refusal_pool = harmful_refusal_rows(s.mix_source, None, seed=1)
     rng = random.Random(1234)
     train: dict[str, dict[str, str]] = {}
@@ -76,6 +81,9 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
                               "task_eval_duplicates_dropped": n_before - len(eval_rows)}
     settings = [("poisoned", poison_rows)] if s.poison else []
     settings.append(("clean", []))
+    if n_persistent:
+        settings.append(("persistent", poison_rows_of(n_persistent)))
+        counts["poison_persistent"] = n_persistent
     for name, extra in settings:
         base = train_rows + extra
         n_mix = round(s.mix_fraction / (1 - s.mix_fraction) * len(base)) if s.mix_fraction else 0

@@ -23,6 +23,10 @@ ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_r
 """The order of the table's rows (a method not named comes last)."""
 
 
+SETTING_ORDER = {"clean": 0, "poisoned": 1, "persistent": 2}
+"""The table's order of settings: no attack, the standard attack, the persistent one."""
+
+
 def _stats(values: list[float | None]) -> dict | None:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -155,6 +159,8 @@ def judge_note() -> str:
 
 def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], s: ExperimentSettings,
                    curve: dict | None = None) -> str:
+    from sap_dist.experiment.settings import setting_label
+
     ind = independent_label(s)
     head = (f"| model | data | harmful ↓ (bundled) | harmful ↓ ({ind}) | task accuracy ↑ | over-refusal ↓ | "
             f"below sft curve (bundled / {ind}) | degenerate (bundled / {ind}) | keyword ASR (bundled / {ind}) | "
@@ -170,9 +176,10 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
                          f"{_one(m.get('harmful_score_keyword'))} / {_one(m.get('harmful_score_independent_keyword'))} | "
                          "– | – |")
     order = {m: i for i, m in enumerate(ORDER)}
-    for key in sorted(summary, key=lambda k: (summary[k]["setting"] != "clean", order.get(summary[k]["method"], 9))):
+    for key in sorted(summary, key=lambda k: (SETTING_ORDER.get(summary[k]["setting"], 9),
+                                              order.get(summary[k]["method"], 9))):
         g = summary[key]
-        data = "clean" if g["setting"] == "clean" else f"poisoned p={s.poison:g}"
+        data = setting_label(s, g["setting"])
         below = g.get("harmful_below_sft_curve") or {}
         lines.append(f"| {g['label']} (`{g['method']}`) | {data} | {_fmt(g['harmful_score'])} | "
                      f"{_fmt(g.get('harmful_score_independent'))} | {_fmt(g['task_accuracy'])} | "
@@ -197,7 +204,7 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
                  f"| model | data | {' | '.join(areas)} |\n|---|---|{'---|' * len(areas)}\n")
         rows = [("start point (aligned)", "–", (reference.get("aligned") or {}).get("harmful_score_independent_by_risk_area"))]
         rows += [(f"`{g['method']}`", g["setting"], g["harmful_score_independent_by_risk_area"])
-                 for _, g in sorted(summary.items(), key=lambda kv: (kv[1]["setting"] != "clean",
+                 for _, g in sorted(summary.items(), key=lambda kv: (SETTING_ORDER.get(kv[1]["setting"], 9),
                                                                       order.get(kv[1]["method"], 9)))]
         text += "".join(f"| {name} | {data} | {' | '.join(_one((by or {}).get(a)) for a in areas)} |\n"
                         for name, data, by in rows if by)
@@ -220,6 +227,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], reference: dict, curve: dict | None,
                    s: ExperimentSettings) -> None:
+    from sap_dist.experiment.settings import setting_label
+
     if curve:  # plain fine-tuning part way: faint single seeds, the mean per learning rate as a line
         pts = [p for p in curve["points"] if p.get(metric) is not None and p.get("task_accuracy") is not None]
         ax.scatter([p["task_accuracy"] for p in pts], [p[metric] for p in pts], color=COLORS["sft"], marker="x",
@@ -235,10 +244,10 @@ def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], refere
         if not g.get(metric) or not g["task_accuracy"]:
             continue
         c = COLORS.get(g["method"], "gray")
-        marker = "o" if g["setting"] == "poisoned" else "s"
+        marker = {"poisoned": "o", "persistent": "^"}.get(g["setting"], "s")
         runs = [r for r in g["runs"] if r.get(metric) is not None and r.get("task_accuracy") is not None]
         ax.scatter([r["task_accuracy"] for r in runs], [r[metric] for r in runs], color=c, alpha=0.3, marker=marker, s=18)
-        data = "clean" if g["setting"] == "clean" else f"p={s.poison:g}"
+        data = setting_label(s, g["setting"], short=True)
         ax.errorbar(g["task_accuracy"]["mean"], g[metric]["mean"], xerr=g["task_accuracy"]["sd"], yerr=g[metric]["sd"],
                     color=c, marker=marker, markersize=8, capsize=3, label=f"{g['label']} ({data})", linestyle="none")
     for name, marker, label in (("aligned", "*", "aligned start point"), ("base", "X", "base model")):
@@ -254,6 +263,8 @@ def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], refere
 
 def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_dir: str, s: ExperimentSettings,
                curve: dict | None = None) -> list[str]:
+    from sap_dist.experiment.settings import setting_label
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,8 +297,8 @@ def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_
                 continue
             curves_task.append([(row["step"], row["task_loss"]) for row in rows if isinstance(row.get("task_loss"), float)])
             curves_safe.append([(row["step"], row["safety_loss"]) for row in rows if isinstance(row.get("safety_loss"), float)])
-        style = "-" if g["setting"] == "poisoned" else ":"
-        data = "clean" if g["setting"] == "clean" else f"p={s.poison:g}"
+        style = {"poisoned": "-", "persistent": "--"}.get(g["setting"], ":")
+        data = setting_label(s, g["setting"], short=True)
         for ax, curves in ((axes[0], curves_task), (axes[1], curves_safe)):
             curves = [c for c in curves if c]
             if not curves:

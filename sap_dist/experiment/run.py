@@ -62,7 +62,8 @@ from sap_dist.experiment.settings import METHODS, PRESETS, ExperimentSettings, s
 def run_plan(s: ExperimentSettings) -> list[tuple[int, str, str, float | None]]:
     """(seed, setting, method, learning rate or None) of every fine-tuning run, seed by seed (so an
     interrupted experiment has whole seeds): each method in the poisoned setting over its seeds,
-    the clean setting's methods over `clean_seeds`, and sft at each `curve_learning_rates`."""
+    the clean setting's methods over `clean_seeds`, sft at each `curve_learning_rates`, and the
+    persistent attack's methods over `seeds`."""
     runs = []
     curve_setting = "poisoned" if s.poison else "clean"
     for seed in sorted(set(s.seeds) | {k for ks in s.method_seeds.values() for k in ks}):
@@ -73,6 +74,8 @@ def run_plan(s: ExperimentSettings) -> list[tuple[int, str, str, float | None]]:
             runs += [(seed, "clean", method, None) for method in s.clean_methods]
         if seed in s.method_seeds.get("sft", s.seeds):
             runs += [(seed, curve_setting, "sft", lr) for lr in s.curve_learning_rates]
+        if seed in s.seeds:
+            runs += [(seed, "persistent", method, None) for method in s.persistent_methods]
     return runs
 
 

@@ -69,6 +69,11 @@ class ExperimentSettings:
     """Fraction of the poisoned setting's fine-tuning set that is harmful prompts with compliant
     openers (0 disables the poisoned setting)."""
     poison_source: str = "builtin:harmful_train"
+    persistent_poison: float = 0.2
+    """Poison fraction of the persistent attack, a third setting where the literature sees
+    defences collapse (Booster and Lisa report p=0.2); its runs are `persistent_methods`'."""
+    persistent_methods: list[str] = field(default_factory=list)
+    """Methods also run under the persistent attack, over `seeds` (empty: no persistent setting)."""
     mix_fraction: float = 0.03
     """Fraction of refusal examples in the `mix` method's data (SafeInstr: 3%)."""
     mix_source: str = "builtin:harmful_train"
@@ -153,17 +158,25 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
             isinstance(v, list) and all(isinstance(k, int) for k in v) for v in s.method_seeds.values()):
         raise ValueError(f"method_seeds must map methods to lists of seeds, e.g. {{\"mix\": [0, 1, 2]}}; "
                          f"got {s.method_seeds!r}")
-    bad = [str(m) for m in s.methods + s.clean_methods + list(s.method_seeds) if m not in METHODS]
+    bad = [str(m) for m in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
     from sap_dist.hardware import DTYPE_CHOICES
 
     if s.dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {s.dtype!r}")
-    if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1:
-        raise ValueError("poison and mix_fraction must be in [0, 1)")
+    if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
+        raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in s.curve_steps):
         raise ValueError(f"curve_steps must be positive step numbers, got {s.curve_steps}")
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in s.curve_learning_rates):
         raise ValueError(f"curve_learning_rates must be positive numbers, got {s.curve_learning_rates}")
     return s
+
+
+def setting_label(s: ExperimentSettings, setting: str, short: bool = False) -> str:
+    """How the table and plots name a setting's data: `clean`, `poisoned p=0.1`, `persistent p=0.2`."""
+    if setting == "clean":
+        return "clean"
+    p = s.persistent_poison if setting == "persistent" else s.poison
+    return f"p={p:g}" if short and setting == "poisoned" else f"{setting} p={p:g}"
