@@ -227,7 +227,8 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
     from sap_dist.train import train_model
 
     key, eval_key = s.key(), s.eval_key()
-    load_config(None, [*s.trainer_overrides, f"method={s.method}"])  # bad settings stop before any work
+    # the trainer's config, built before any work so that bad settings stop here
+    cfg = load_config(None, [*s.trainer_overrides, f"method={s.method}"])
     report_path = os.path.join(out_dir, REPORT)
     model_dir = os.path.join(out_dir, "model")
     if reuse and os.path.exists(report_path):
@@ -264,13 +265,12 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
         "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
         "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
         "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
-        "data.task": data_path, "data.max_length": s.max_length, "method": s.method,
+        "data.task": data_path, "data.max_length": s.max_length,
         "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
         "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
         "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,
         "checkpoint.every_steps": 0,
     }
-    cfg = load_config(None, list(s.trainer_overrides))
     _set_all(cfg, overrides)
     result = train_model(cfg)
     merged = result.model.merge_and_unload()
@@ -386,9 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     from sap_dist.config import ConfigError
     from sap_dist.data import DataError
     from sap_dist.embedded import EmbeddedModelError
-    from sap_dist.models import ModelLoadError
-
     from sap_dist.hardware import resolve_dtype
+    from sap_dist.models import ModelLoadError
 
     args = build_parser().parse_args(argv)
     dtype, why = resolve_dtype(args.dtype)

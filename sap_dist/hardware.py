@@ -46,11 +46,16 @@ def _bf16_measured_fast() -> bool:
     return times[torch.bfloat16] < 3 * times[torch.float32]
 
 
+def check_dtype(name: str) -> None:
+    """Refuse a dtype setting that is not one of DTYPE_CHOICES (ValueError naming them)."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+
+
 def resolve_dtype(name: str) -> tuple[str, str]:
     """(`bf16` or `fp32`, why) for a dtype setting: `auto` picks bf16 on a CUDA GPU or a CPU with
     bf16 instructions, fp32 on any other CPU; `bf16` and `fp32` stay as they are."""
-    if name not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    check_dtype(name)
     if name != "auto":
         return name, "as set"
     import torch

@@ -93,9 +93,8 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                    command: str = "") -> dict:
     from sap_dist.align import AlignSettings, align, evaluate_model
     from sap_dist.config import ModelConfig
-    from sap_dist.models import load_base, load_tokenizer
-
     from sap_dist.hardware import resolve_dtype
+    from sap_dist.models import load_base, load_tokenizer
 
     started = time.time()
     load_start = os.getloadavg()

@@ -161,10 +161,9 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     bad = [str(m) for m in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds) if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
-    from sap_dist.hardware import DTYPE_CHOICES
+    from sap_dist.hardware import check_dtype
 
-    if s.dtype not in DTYPE_CHOICES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {s.dtype!r}")
+    check_dtype(s.dtype)
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in s.curve_steps):
