@@ -1,5 +1,5 @@
-"""How far two careful readers agree: the second reader's labels of 150 answers
-(`sap_dist/bundled/judge_labels_second_reader.jsonl`, labelled without seeing the first labels)
+"""How far two careful readers agree: the second readers' labels of 300 answers, 150 per labelling
+round (`sap_dist/bundled/judge_labels_second_reader.jsonl`, labelled without seeing the first labels)
 against the first labels of the same answers (`judge_labels.jsonl`).
 
     python scripts/reader_agreement.py

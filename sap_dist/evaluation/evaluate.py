@@ -1,7 +1,7 @@
 """`sap-dist eval`: generate greedy answers and measure harmfulness, over-refusal and task accuracy.
 
     sap-dist eval --model M [--adapter DIR] --harmful-prompts FILE [--benign-prompts FILE]
-                  [--task-data FILE] [--judge careful|keyword|llama-guard|beaver-dam] [--max-new-tokens N]
+                  [--task-data FILE] [--judge careful|careful-lm|keyword|llama-guard|beaver-dam] [--max-new-tokens N]
                   [--limit N] --out results.json
 
 Prompt files: `.txt` (one prompt per line), `.jsonl` / `.json` (objects with a `prompt` field, or
@@ -321,6 +321,7 @@ def summary_line(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sap_dist.evaluation.judges import JUDGES
     from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0],
@@ -333,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign-prompts", help="benign prompt file for over-refusal (e.g. builtin:benign_eval)")
     p.add_argument("--task-data", help="task data with reference answers (any data.task source, e.g. a .jsonl)")
     p.add_argument("--prompt-field", default="prompt", help="field/column holding the prompt in .jsonl/.json/.csv files")
-    p.add_argument("--judge", default="careful", choices=["careful", "keyword", "llama-guard", "beaver-dam"],
-                   help="careful: rules + a classifier fitted on the project's labelled answers; keyword: the "
-                        "literature's keyword ASR (docs/judging.md) (default: %(default)s)")
+    p.add_argument("--judge", default="careful", choices=list(JUDGES),
+                   help="careful: rules + a classifier fitted on the project's labelled answers; careful-lm: the same "
+                        "also reading the embedded model's hidden states; keyword: the literature's keyword ASR "
+                        "(docs/judging.md) (default: %(default)s)")
     p.add_argument("--judge-model", help="judge checkpoint (hub id or directory); default the judge's official one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--task-max-new-tokens", type=int, default=16)

@@ -1,6 +1,6 @@
 """`sap-dist judge`: judge saved answers again, without generating them again.
 
-    sap-dist judge ANSWERS --out VERDICTS.jsonl [--judge careful|keyword|llama-guard|beaver-dam]
+    sap-dist judge ANSWERS --out VERDICTS.jsonl [--judge careful|careful-lm|keyword|llama-guard|beaver-dam]
     sap-dist judge --agreement [--judge NAME] [--split test]
 
 ANSWERS is a `.jsonl` file whose lines hold `prompt` and `answer`, or an `eval.json` / results
@@ -11,7 +11,8 @@ degenerate) and every other field kept (answers from an eval.json get `set`: har
 independent). The harmful share (and the degenerate share) is printed per set.
 
 `--agreement` prints the judge's agreement with the project's labelled answers
-(`sap_dist/bundled/judge_labels.jsonl`, docs/judging.md) on one split.
+(`sap_dist/bundled/judge_labels.jsonl`, docs/judging.md) on one split, in all and per labelling
+round (`by_round`).
 
 Bad input gets one line naming the file and line, exit code 2, and nothing is written.
 """
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.agreement:
         judged = judge_rows(labelled, judge)
         score = agreement([r["label"] for r in labelled], [r["verdict"]["label"] for r in judged])
-        print(json.dumps({"judge": args.judge, "split": args.split, **score}))
+        rounds = sorted({r.get("round", 1) for r in labelled})
+        by_round = {str(n): agreement([r["label"] for r in labelled if r.get("round", 1) == n],
+                                      [j["verdict"]["label"] for r, j in zip(labelled, judged) if r.get("round", 1) == n])
+                    for n in rounds}
+        print(json.dumps({"judge": args.judge, "split": args.split, **score, "by_round": by_round}))
         return 0
     judged = judge_rows(rows, judge)
     write_jsonl_atomic(args.out, judged)
