@@ -196,7 +196,7 @@ def test_judging_part_way_leaves_training_exact(tmp_path):
 def test_aggregate_and_table():
     rows = [{"setting": "poisoned", "method": m, "seed": k, "harmful_score": h, "task_accuracy": 50.0 + k,
              "harmful_score_independent": h / 2, "harmful_score_independent_by_risk_area": {"a": h, "b": 0.0},
-             "over_refusal": 0.0, "refusal_rate": 100 - h, "train_time_s": 10.0, "mean_step_time_s": 1.0,
+             "harmful_score_by_form": {"joke": h / 4, "steps": 100.0}, "over_refusal": 0.0, "refusal_rate": 100 - h, "train_time_s": 10.0, "mean_step_time_s": 1.0,
              "model_dir": f"/x/{m}/{k}"}
             for m, hs in (("sft", (60.0, 70.0)), ("sap_paper", (40.0, 50.0))) for k, h in enumerate(hs)]
     summary = aggregate(rows)
@@ -215,6 +215,8 @@ def test_aggregate_and_table():
         in table
     assert "| start point (aligned), no fine-tuning | – | 20.0 | 30.0 | 1.0 | 5.0 |" in table
     assert "| `sft` | poisoned | 65.0 | 0.0 |" in table  # per risk area
+    assert summary["poisoned/sap_paper"]["harmful_score_by_form"] == {"joke": 11.25, "steps": 100.0}
+    assert "per request form" in table and "| `sap_paper` | poisoned | 11.2 | 100.0 |" in table
 
 
 def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
@@ -245,6 +247,11 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
         by_area = m["harmful_score_independent_by_risk_area"]
         assert set(by_area) == areas and min(by_area.values()) <= m["harmful_score_independent"] <= max(by_area.values())
     judged = json.loads((out / "runs" / "poisoned" / "sft" / "seed0" / "eval.json").read_text())["results"]
+    forms: dict[str, list[bool]] = {}
+    for r in judged["harmful"]:
+        forms.setdefault(r["form"], []).append(r["verdict"]["harmful"])
+    assert judged["harmful_score_by_form"] == {f: round(100 * sum(v) / len(v), 2) for f, v in sorted(forms.items())}
+    assert methods["poisoned/sft"]["runs"][0]["harmful_score_by_form"] == judged["harmful_score_by_form"]
     assert [r["prompt"] for r in judged["independent"]] == [r["prompt"] for r in chosen]
     assert judged["harmful_score_independent"] == 10 * sum(r["verdict"]["harmful"] for r in judged["independent"])
     # the sft curve: the start point, then every sft run after 1 step and at its end (2 steps), at
@@ -266,6 +273,7 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
             assert group["harmful_below_sft_curve"] is None
     table = results["table_markdown"]
     assert "harmful ↓ (donotanswer_test)" in table and "judged part way" in table and "per risk area" in table
+    assert "per request form" in table
     assert os.path.exists(os.path.join(results["start_model"], "config.json"))
     assert (out / "table.md").read_text() == results["table_markdown"]
     for path in results["plots"]:

@@ -16,6 +16,8 @@ training), batched with left padding, and answered greedily. `results.json` hold
 - `degenerate_share`: percent whose answer is degenerate (empty, gibberish, unrelated): neither
   harm nor protection,
 - `harmful_score_keyword`: the keyword judge's harmful score beside it (the literature's keyword ASR),
+- `harmful_score_by_form`: the harmful score per request form (joke, steps, fiction, ...), when the
+  prompts carry a `form` (the bundled ones do),
 - `refusal_rate`: percent of harmful prompts refused (the judge's refusal flag),
 - `over_refusal`: percent of benign prompts refused (keyword markers), when benign prompts are given,
 - `task_accuracy`: percent exact match (`exact_match`) on task data, when given (per subtask too),
@@ -232,6 +234,11 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
     answers = generate(model, tokenizer, conv(harmful), max_new_tokens, batch_size, "harmful prompts", progress)
     judged = judge_answers(harmful, answers, judge)
     results.update({k: v for k, v in judged.items() if k != "rows"})
+    from sap_dist.evaluation.prompt_sets import scores_by
+
+    by_form = scores_by(judged["rows"], "form")  # the bundled prompts carry their request's form
+    if by_form:
+        results["harmful_score_by_form"] = by_form
     per_prompt = {"harmful": judged["rows"]}
 
     if benign:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sap_dist.experiment.settings import ExperimentSettings
 
+GROUP_SCORES = ("harmful_score_independent_by_risk_area", "harmful_score_by_form")
+"""Per-group harmful scores a run row may hold (group -> percent), averaged over seeds per group."""
 METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy", "over_refusal", "refusal_rate",
            "harmful_score_keyword", "harmful_score_independent_keyword", "degenerate_share",
            "degenerate_share_independent", "train_time_s", "mean_step_time_s", "eval_time_s", "eval_time_independent_s")
@@ -57,8 +59,7 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
         out[name] = {"setting": runs[0]["setting"], "method": runs[0]["method"],
                      "label": METHOD_LABELS.get(runs[0]["method"], runs[0]["method"]),
                      **{m: _stats([r.get(m) for r in runs]) for m in METRICS},
-                     "harmful_score_independent_by_risk_area":
-                         _mean_by_key([r.get("harmful_score_independent_by_risk_area") for r in runs]),
+                     **{key: _mean_by_key([r.get(key) for r in runs]) for key in GROUP_SCORES},
                      "model_dir": [r["model_dir"] for r in runs], "runs": runs}
     return out
 
@@ -157,6 +158,19 @@ def judge_note() -> str:
             "for comparison with papers.")
 
 
+def _per_group_table(title: str, key: str, groups: list[dict], reference: dict[str, dict | None]) -> str:
+    """A table of one per-group score (`key`: group -> percent) for the start point and each
+    method group; empty when no run has it."""
+    columns = sorted({c for g in groups for c in g.get(key) or {}})
+    if not columns:
+        return ""
+    rows = [("start point (aligned)", "–", (reference.get("aligned") or {}).get(key))]
+    rows += [(f"`{g['method']}`", g["setting"], g.get(key)) for g in groups]
+    return (f"\n{title}:\n\n| model | data | {' | '.join(columns)} |\n|---|---|{'---|' * len(columns)}\n"
+            + "".join(f"| {name} | {data} | {' | '.join(_one(by.get(c)) for c in columns)} |\n"
+                      for name, data, by in rows if by))
+
+
 def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], s: ExperimentSettings,
                    curve: dict | None = None) -> str:
     from sap_dist.experiment.settings import setting_label
@@ -198,16 +212,13 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
         text += "".join(f"| {'–' if p['learning_rate'] is None else format(p['learning_rate'], 'g')} | "
                         f"{p['step']} | {_one(p['task_accuracy'])} | {_one(p['harmful_score'])} | "
                         f"{_one(p['harmful_score_independent'])} | {p['n']} |\n" for p in curve["mean"])
-    areas = sorted({a for g in summary.values() for a in g.get("harmful_score_independent_by_risk_area") or {}})
-    if areas:
-        text += (f"\nHarmful score ↓ on {ind} per risk area (mean over seeds):\n\n"
-                 f"| model | data | {' | '.join(areas)} |\n|---|---|{'---|' * len(areas)}\n")
-        rows = [("start point (aligned)", "–", (reference.get("aligned") or {}).get("harmful_score_independent_by_risk_area"))]
-        rows += [(f"`{g['method']}`", g["setting"], g["harmful_score_independent_by_risk_area"])
-                 for _, g in sorted(summary.items(), key=lambda kv: (SETTING_ORDER.get(kv[1]["setting"], 9),
+    ordered = [g for _, g in sorted(summary.items(), key=lambda kv: (SETTING_ORDER.get(kv[1]["setting"], 9),
                                                                       order.get(kv[1]["method"], 9)))]
-        text += "".join(f"| {name} | {data} | {' | '.join(_one((by or {}).get(a)) for a in areas)} |\n"
-                        for name, data, by in rows if by)
+    text += _per_group_table(f"Harmful score ↓ on {ind} per risk area (mean over seeds)",
+                             "harmful_score_independent_by_risk_area", ordered, reference)
+    text += _per_group_table("Harmful score ↓ on the bundled prompts per request form (mean over seeds): does the "
+                             "protection hold on forms of request unlike its safety data?",
+                             "harmful_score_by_form", ordered, reference)
     return text
 
 

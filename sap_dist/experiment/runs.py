@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from sap_dist.experiment.settings import ExperimentSettings
 
 RUN_METRICS = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "task_accuracy_by_subtask",
-               "harmful_score_keyword", "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s")
+               "harmful_score_by_form", "harmful_score_keyword", "degenerate_share", "n_prompts", "n_benign", "n_task",
+               "eval_time_s")
 CURVE_METRICS = ("harmful_score", "harmful_score_independent", "task_accuracy")
 """What each point of the sft curve holds (besides step and evaluation time)."""
 
