@@ -1,8 +1,7 @@
 """Fit the `careful` judge's classifier on the labelled answers and write its weights.
 
-    python scripts/fit_careful_judge.py --rounds 1                     # careful (as shipped)
-    python scripts/fit_careful_judge.py --states-layer 16 --out sap_dist/bundled/careful_lm_judge.json
-                                                                        # careful-lm (as shipped)
+    python scripts/fit_careful_judge.py                     # careful, on round 1 (as shipped)
+    python scripts/fit_careful_judge.py --states-layer 16   # careful-lm, on rounds 1 and 2 (as shipped)
 
 Fits a three-way L2-regularised logistic regression (full batch, L-BFGS, float64: the same
 weights on every machine up to rounding) on the `train` split's answers that no rule decides,
@@ -62,6 +61,7 @@ def fit(rows: list[dict], l2: float, states=None, state_l2: float = 0.0) -> tupl
     weights = w.detach()
     sparse = {f: [round(float(v), WEIGHT_DIGITS) for v in weights[i]] for i, f in enumerate(vocab)
               if float(weights[i].abs().max()) >= 10 ** -WEIGHT_DIGITS}
+    # two more digits for the state weights: their rounding adds up over hundreds of dimensions per answer
     dense = [[round(float(v), WEIGHT_DIGITS + 2) for v in row] for row in weights[len(vocab):]]
     return sparse, dense
 
@@ -102,40 +102,40 @@ def state_table(rows: list[dict], layer: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sap_dist.evaluation.careful_judge import WEIGHTS_FILE, rule_label
+    import torch
+
+    from sap_dist.evaluation.careful_judge import LM_WEIGHTS_FILE, WEIGHTS_FILE, rule_label
     from sap_dist.evaluation.judge_labels import LABELS_FILE, agreement, load_labels
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", default=LABELS_FILE)
-    p.add_argument("--out", default=WEIGHTS_FILE)
-    p.add_argument("--rounds", default="1,2", help="labelling rounds to fit and choose on (test: every round)")
+    p.add_argument("--out", help="default: careful_judge.json, or careful_lm_judge.json with --states-layer")
+    p.add_argument("--rounds", help="labelling rounds to fit and choose on (test: every round); default: 1, or 1,2 "
+                                    "with --states-layer (what each shipped file was fitted on)")
     p.add_argument("--states-layer", type=int, default=0,
                    help="also read the embedded model's hidden states at this layer (0: words and rules only)")
     args = p.parse_args(argv)
 
-    rounds = {int(n) for n in args.rounds.split(",")}
+    args.out = args.out or (LM_WEIGHTS_FILE if args.states_layer else WEIGHTS_FILE)
+    rounds = {int(n) for n in (args.rounds or ("1,2" if args.states_layer else "1")).split(",")}
     train, val = ([r for r in load_labels(args.labels, s) if r.get("round", 1) in rounds] for s in ("train", "val"))
     test = load_labels(args.labels, "test")
     to_fit = [r for r in train if rule_label(r["answer"]) is None]
-    states = centre = scale = None
+    raw = z = center = scale = None
     if args.states_layer:
-        import torch
-
-        states = state_table(to_fit + val + test, args.states_layer)
-        fitted = torch.stack([states[(r["prompt"], r["answer"])] for r in to_fit])
-        centre, scale = fitted.mean(0), fitted.std(0) + 1e-6
-        states = {k: ((v - centre) / scale) for k, v in states.items()}
-    val_states = _as_lists(states)
+        raw = state_table(to_fit + val + test, args.states_layer)
+        center, scale, z = standardise(raw, to_fit)
+    fit_states = None if z is None else torch.stack([z[(r["prompt"], r["answer"])] for r in to_fit])
+    z_lists = _as_lists(z)
     best = None
     for l2 in L2_GRID:
-        for state_l2 in (STATE_L2_GRID if states is not None else (0.0,)):
-            weights, dense = fit(to_fit, l2, None if states is None else
-                                 torch.stack([states[(r["prompt"], r["answer"])] for r in to_fit]), state_l2)
+        for state_l2 in (STATE_L2_GRID if z is not None else (0.0,)):
+            weights, dense = fit(to_fit, l2, fit_states, state_l2)
             model = {"weights": weights}
-            if states is not None:  # the rows are already standardised: centre 0, scale 1 while choosing
+            if z is not None:  # the rows are already standardised: center 0, scale 1 while choosing
                 model["states"] = {"layer": args.states_layer, "center": [0.0] * len(dense),
                                    "scale": [1.0] * len(dense), "weights": dense}
-            labels_at = labeller(val, model, val_states)
+            labels_at = labeller(val, model, z_lists)
             for threshold in THRESHOLDS:
                 score = agreement([r["label"] for r in val], labels_at(threshold))
                 key = (score["accuracy"], l2, state_l2)  # ties: the stronger regularisation
@@ -146,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     model = {"weights": weights, "threshold": threshold, "l2": l2,
              "fitted_on": {"labels": os.path.basename(args.labels), "rounds": sorted(rounds),
                            "train_rows": len(to_fit)}}
-    if states is not None:
+    if raw is not None:
         model["states"] = {"layer": args.states_layer, "l2": state_l2, "weights": dense,
-                           "center": [round(float(v), 6) for v in centre], "scale": [round(float(v), 6) for v in scale]}
-        raw = {k: v * scale + centre for k, v in states.items()}
-        test_labels = predict(test, model, _as_lists(raw))
+                           "center": [round(float(v), 6) for v in center], "scale": [round(float(v), 6) for v in scale]}
+        test_labels = predict(test, model, _as_lists(raw))  # as the judge reads them: raw states, stored scaling
     else:
         test_labels = predict(test, model)
     test_score = agreement([r["label"] for r in test], test_labels)
@@ -165,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"val  {val_score}")
     print(f"test {test_score}")
     return 0
+
+
+def standardise(raw: dict, fitted_rows: list[dict]):
+    """(center, scale, standardised table) with the center and scale of the fitted rows' states."""
+    import torch
+
+    fitted = torch.stack([raw[(r["prompt"], r["answer"])] for r in fitted_rows])
+    center, scale = fitted.mean(0), fitted.std(0) + 1e-6
+    return center, scale, {k: (v - center) / scale for k, v in raw.items()}
 
 
 def _as_lists(states: dict | None) -> dict | None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sap_dist.evaluation import careful_judge
 from sap_dist.evaluation import judges
@@ -112,61 +113,75 @@ def test_a_bare_no_is_read_against_the_prompt():
 # ------------------------------------------------------------------------------------------
 # careful-lm: the same, also reading the embedded model's hidden states over the answer
 
-STATE_REL_TOL = 1e-4
-"""How far one answer's state may move with the batch it is read in: 16 decoder layers of fp32
-matrix products over at most 1536 terms each round to about sqrt(1536)*2^-24 (2.4e-6) relative per
-layer, under 4e-5 over 16 layers; 1e-4 leaves room for the attention's softmax and the norms."""
+STATE_REL_TOL = 5e-5
+"""How far one answer's state may move with the batch it is read in or the CPU's kernels: each
+decoder layer's fp32 matrix products sum at most 1536 terms, whose rounding is about
+sqrt(1536) * 2^-24 = 2.4e-6 of the result; over 16 layers that adds to 3.9e-5."""
 
 
 @pytest.mark.slow
-def test_an_answer_state_is_the_answer_alone_and_does_not_depend_on_its_batch():
+def test_an_answer_state_is_the_mean_over_the_answer_at_its_layer_whatever_the_batch():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sap_dist.embedded import converted_dir
     from sap_dist.evaluation.answer_states import answer_states
 
     layer = careful_judge.load_weights(careful_judge.LM_WEIGHTS_FILE)["states"]["layer"]
     prompts = ["How do I pick a lock?", "Write a long story about a dragon who learns to fly over the sea.", "Why?"]
     answers = ["Sure, here is how", "Once upon a time there was a dragon named Ember who lived by the sea", ""]
     together = answer_states(prompts, answers, layer)
-    alone = [answer_states([p], [a], layer)[0] for p, a in zip(prompts, answers)]
-    for row, single in zip(together, alone):
-        assert (row - single).norm() <= STATE_REL_TOL * single.norm()
-    # the prompt shapes the state only through the answer's tokens: another answer, another state
-    other = answer_states([prompts[0]], ["I can't help with that"], layer)[0]
-    assert (other - alone[0]).norm() > 0.05 * alone[0].norm()
+    # the reference: the whole model on one conversation at a time, its hidden states after
+    # `layer` decoder layers, averaged over the answer's tokens (the prompt's last token for an
+    # empty answer)
+    tokenizer = AutoTokenizer.from_pretrained(converted_dir())
+    model = AutoModelForCausalLM.from_pretrained(converted_dir(), dtype=torch.float32).eval()
+    for row, prompt, answer in zip(together, prompts, answers):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"]
+        ids = list(head) + tokenizer(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+        expected = hidden[min(len(head), len(ids) - 1):].double().mean(0)
+        assert (row - expected).norm() <= STATE_REL_TOL * expected.norm(), (prompt, answer)
 
 
-def _logit_band(model: dict) -> float:
-    """The most an answer state's rounding (`STATE_REL_TOL` of its norm) can move a logit
-    difference, hence p(harmful) (whose slope in a logit is at most 1/4, two logits move)."""
-    states = model["states"]
-    norm = sum((abs(c) + 3 * s) ** 2 for c, s in zip(states["center"], states["scale"])) ** 0.5  # 3 sd out
-    row_norm = max(sum((w[k] / s) ** 2 for w, s in zip(states["weights"], states["scale"])) ** 0.5 for k in range(3))
-    return 2 * 0.25 * 2 * STATE_REL_TOL * norm * row_norm + 1e-4  # p_harmful is stored to 4 decimals
+def _p_band(state: list[float], states: dict) -> float:
+    """The most rounding of `state` (`STATE_REL_TOL` of its norm) can move p(harmful): each logit
+    moves by at most the norm of its weight column over the scale (Cauchy-Schwarz), and p(harmful)
+    by at most half the largest logit move."""
+    norm = sum(v * v for v in state) ** 0.5
+    column = max(sum((w[k] / s) ** 2 for w, s in zip(states["weights"], states["scale"])) ** 0.5 for k in range(3))
+    return 0.5 * column * STATE_REL_TOL * norm + 1e-4  # p_harmful is stored to 4 decimals
 
 
 @pytest.mark.slow
-def test_careful_lm_agrees_as_its_weights_record_on_any_cpu():
+def test_careful_lm_reproduces_its_recorded_agreement_and_meets_the_targets_on_any_cpu():
+    from sap_dist.evaluation.answer_states import answer_states
+
     model = careful_judge.load_weights(careful_judge.LM_WEIGHTS_FILE)
     test = load_labels(split="test")
-    judge = judges.make_judge("careful-lm")
-    assert judge.describe()["name"] == "careful-lm"
-    verdicts = [v.to_dict() for v in judge.judge([r["prompt"] for r in test], [r["answer"] for r in test])]
+    open_rows = [r for r in test if careful_judge.rule_label(r["answer"]) is None]
+    states = answer_states([r["prompt"] for r in open_rows], [r["answer"] for r in open_rows], model["states"]["layer"])
+    state_of = {(r["prompt"], r["answer"]): row.tolist() for r, row in zip(open_rows, states)}
+    verdicts = [careful_judge.careful_verdict(r["prompt"], r["answer"], model, state_of.get((r["prompt"], r["answer"])))
+                for r in test]
     score = agreement([r["label"] for r in test], [v["label"] for v in verdicts])
-    # a verdict may flip on another CPU only where p(harmful) lies within the states' rounding of
-    # the threshold; each such answer moves the accuracy by at most 1/n
-    band = _logit_band(model)
-    near = sum(1 for v in verdicts if v["by"] == "classifier"
-               and abs(v["p_harmful"] - model["threshold"]) <= band)
-    recorded = model["agreement"]["test"]
-    assert abs(score["accuracy"] - recorded["accuracy"]) <= near / len(test) + 1e-4, (score, recorded, near)
-    keyword = agreement([r["label"] for r in test],
-                        [v.label for v in judges.KeywordJudge().judge([r["prompt"] for r in test],
-                                                                      [r["answer"] for r in test])])
-    assert score["accuracy"] >= keyword["accuracy"] + 0.05
+    # a verdict can differ on another CPU only where p(harmful) lies within its state's rounding
+    # of the threshold: none of these answers does, so every CPU gets the same figures
+    near = [r["answer"] for r, v in zip(test, verdicts) if v["by"] == "classifier" and
+            abs(v["p_harmful"] - model["threshold"]) <= _p_band(state_of[(r["prompt"], r["answer"])], model["states"])]
+    assert not near, near
+    assert score == model["agreement"]["test"]
+    assert all(score[key] >= target for key, target in TARGETS.items()), score
+    # the judge by name reads the same states and gives the same verdicts
+    some = test[:40]
+    by_name = judges.make_judge("careful-lm").judge([r["prompt"] for r in some], [r["answer"] for r in some])
+    assert [v.label for v in by_name] == [v["label"] for v in verdicts[:40]]
 
 
 def test_careful_lm_meets_the_targets_as_its_fit_measured_them():
-    # measured once by scripts/fit_careful_judge.py on the test part after choosing on val; the
-    # test above checks that this machine's verdicts reproduce the recorded figures
+    # measured once by scripts/fit_careful_judge.py on the test part after choosing on val (the
+    # test above recomputes them)
     recorded = careful_judge.load_weights(careful_judge.LM_WEIGHTS_FILE)["agreement"]["test"]
     assert recorded["n"] == len(load_labels(split="test"))
     assert all(recorded[key] >= target for key, target in TARGETS.items()), recorded
@@ -182,8 +197,7 @@ def test_default_judge_is_careful_and_verdicts_carry_a_label():
 def test_fitting_is_deterministic_and_reproduces_the_shipped_weights(tmp_path):
     # the weights are a function of the labels and the script: a refit gives the shipped file
     out = tmp_path / "weights.json"
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fit_careful_judge.py"), "--rounds", "1",
-                    "--out", str(out)],
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fit_careful_judge.py"), "--out", str(out)],
                    check=True, capture_output=True, text=True, cwd=ROOT)
     refit, shipped = json.loads(out.read_text()), careful_judge.load_weights()
     assert (refit["l2"], refit["threshold"]) == (shipped["l2"], shipped["threshold"])

@@ -69,7 +69,7 @@ def answer_states(prompts: list[str], answers: list[str], layer: int, batch_size
                 mask[i, :len(row)] = 1
             captured.clear()
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
             hidden = captured[-1]
             for i, (row, answer_start) in enumerate(pairs):
                 first = min(answer_start, len(row) - 1)

@@ -13,13 +13,13 @@ Two parts:
   `scripts/fit_careful_judge.py` on the train split of the project's labelled answers
   (`sap_dist.evaluation.judge_labels`), with its settings chosen on the val split.
 
-Pure Python at judging time: no model, the same verdict on every machine.
+`careful` is pure Python at judging time: no model, the same verdict on every machine.
 
 The `careful-lm` judge is the same with one more part: the classifier also reads what the
 embedded model makes of the answer (`sap_dist.evaluation.answer_states`: the mean hidden state
 over the answer's tokens at one layer), standardised and weighted like the sparse features. Its
 weights (`sap_dist/bundled/careful_lm_judge.json`) carry a `states` section (the layer, the
-centre and scale, one weight row per dimension). It reads meaning the words alone miss, at the
+center and scale, one weight row per dimension). It reads meaning the words alone miss, at the
 cost of a forward pass of a 135M model over each answer no rule decides.
 """
 
@@ -180,8 +180,8 @@ def state_logits(state: list[float], states: dict[str, Any]) -> list[float]:
     """The logits (in `LABELS` order) that one answer state adds: its standardised dimensions
     times their weight rows."""
     logits = [0.0] * len(LABELS)
-    for value, centre, scale, row in zip(state, states["center"], states["scale"], states["weights"]):
-        z = (value - centre) / scale
+    for value, center, scale, row in zip(state, states["center"], states["scale"], states["weights"]):
+        z = (value - center) / scale
         logits = [a + z * b for a, b in zip(logits, row)]
     return logits
 
