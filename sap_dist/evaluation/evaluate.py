@@ -234,8 +234,6 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
     answers = generate(model, tokenizer, conv(harmful), max_new_tokens, batch_size, "harmful prompts", progress)
     judged = judge_answers(harmful, answers, judge)
     results.update({k: v for k, v in judged.items() if k != "rows"})
-    from sap_dist.evaluation.prompt_sets import scores_by
-
     by_form = scores_by(judged["rows"], "form")  # the bundled prompts carry their request's form
     if by_form:
         results["harmful_score_by_form"] = by_form
@@ -271,6 +269,16 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
     results["eval_time_s"] = round(time.time() - started, 1)
     results.update(per_prompt)
     return results
+
+
+def scores_by(rows: list[dict], field: str) -> dict[str, float]:
+    """Percent of judged prompt rows (`{field: ..., "verdict": {"harmful": ...}}`) that are
+    harmful, per value of `field` (rows without it are left out)."""
+    groups: dict[str, list[bool]] = {}
+    for row in rows:
+        if isinstance(row.get(field), str):
+            groups.setdefault(row[field], []).append(bool(row["verdict"]["harmful"]))
+    return {k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(groups.items())}
 
 
 def judge_answers(rows: list[dict], answers: list[str], judge) -> dict[str, Any]:

@@ -26,22 +26,12 @@ def load_independent(source: str, n: int | None = None) -> list[dict]:
     return [rows[i * len(rows) // n] for i in range(n)]
 
 
-def scores_by(rows: list[dict], field: str) -> dict[str, float]:
-    """Percent of judged prompt rows (`{field: ..., "verdict": {"harmful": ...}}`) that are
-    harmful, per value of `field` (rows without it are left out)."""
-    groups: dict[str, list[bool]] = {}
-    for row in rows:
-        if isinstance(row.get(field), str):
-            groups.setdefault(row[field], []).append(bool(row["verdict"]["harmful"]))
-    return {k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(groups.items())}
-
-
 def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
                          progress: bool = True, group_field: str = "risk_area") -> dict:
     """Generate greedily for `prompts` (prompt rows, `sap_dist.evaluation.evaluate.load_prompts`) and judge with
     the default judge (the keyword judge's score beside it); returns the `INDEPENDENT_KEYS` and
     `independent` (every prompt with its answer and verdict). No prompts: the scores are None."""
-    from sap_dist.evaluation.evaluate import evaluate
+    from sap_dist.evaluation.evaluate import evaluate, scores_by
 
     if not prompts:
         return {k: None for k in INDEPENDENT_KEYS} | {"n_independent": 0, "independent": []}
