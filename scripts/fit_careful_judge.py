@@ -92,7 +92,7 @@ def labeller(rows: list[dict], model: dict, states: dict | None = None):
 
 
 def state_table(rows: list[dict], layer: int) -> dict:
-    """(prompt, answer) -> the answer's state as a list, for every row no rule decides."""
+    """(prompt, answer) -> the answer's state (a float64 tensor), for every row no rule decides."""
     from sap_dist.evaluation.answer_states import answer_states
     from sap_dist.evaluation.careful_judge import rule_label
 
