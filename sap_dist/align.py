@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REPORT = "align_report.json"
 
@@ -85,6 +87,9 @@ class AlignSettings:
     eval_attn_implementation: str | None = None
     """Attention implementation for generation (evaluation and benign targets); None: as training."""
     evaluate_base: bool = True
+    judge: str = DEFAULT_JUDGE
+    """Which judge scores base and aligned model (`sap-dist judge`'s names). Another judge than
+    the one that made a cached report's verdicts judges its saved answers again."""
     progress: bool = True
     threads: int | None = 1
     """torch CPU threads while aligning (None: as the process has). The trained weights depend on
@@ -113,7 +118,7 @@ class AlignSettings:
 
     def key(self) -> str:
         """Hash of everything that changes the aligned model (settings and data files)."""
-        skip = set(self.EVAL_FIELDS) | {"progress", "eval_batch_size"}
+        skip = set(self.EVAL_FIELDS) | {"progress", "eval_batch_size", "judge"}
         return self._hash([f.name for f in dataclasses.fields(self) if f.name not in skip])
 
     def eval_key(self) -> str:
@@ -177,18 +182,21 @@ def build_align_data(model, tokenizer, s: AlignSettings, out_dir: str) -> tuple[
                   "benign_dropped": len(benign) - len(kept)}
 
 
-def evaluate_model(model, tokenizer, s: AlignSettings) -> dict:
+def evaluate_model(model, tokenizer, s: AlignSettings, judge=None) -> dict:
+    """`s`'s evaluation of `model`, judged by `judge` (default: the judge `s.judge` names)."""
     from sap_dist.evaluation.evaluate import evaluate, load_prompts
+    from sap_dist.evaluation.judges import make_judge
 
+    judge = judge or make_judge(s.judge)
     harmful = load_prompts(s.harmful_eval, limit=s.n_harmful_eval)
     benign = load_prompts(s.benign_eval, limit=s.n_benign_eval)
-    results = evaluate(model, tokenizer, harmful, benign, s.task_eval, None, s.max_new_tokens, s.task_max_new_tokens,
+    results = evaluate(model, tokenizer, harmful, benign, s.task_eval, judge, s.max_new_tokens, s.task_max_new_tokens,
                        s.eval_batch_size, s.progress)
     if s.independent_eval:
         from sap_dist.evaluation.prompt_sets import evaluate_independent, load_independent
 
         results.update(evaluate_independent(model, tokenizer, load_independent(s.independent_eval, s.n_independent_eval),
-                                            s.max_new_tokens, s.eval_batch_size, s.progress))
+                                            s.max_new_tokens, s.eval_batch_size, s.progress, judge=judge))
     return results
 
 
@@ -200,12 +208,15 @@ def _metrics(results: dict) -> dict:
     return {k: results.get(k) for k in keys}
 
 
-def align(s: AlignSettings, out_dir: str, reuse: bool = True) -> dict:
+def align(s: AlignSettings, out_dir: str, reuse: bool = True, judge=None) -> dict:
     """Align `s.model` into `out_dir/model`; returns the report (also written to out_dir).
-    With `reuse`, an existing report with the same settings key is returned as is. Runs with
-    `s.threads` CPU threads (the process's count is restored after)."""
+    With `reuse`, an existing report with the same settings key is returned as is (its saved
+    answers judged again when `judge`, default `s.judge`'s, did not make its verdicts). Runs
+    with `s.threads` CPU threads (the process's count is restored after)."""
+    from sap_dist.evaluation.judges import make_judge
+
     with _torch_threads(s.threads):
-        return _align(s, out_dir, reuse)
+        return _align(s, out_dir, reuse, judge or make_judge(s.judge))
 
 
 @contextlib.contextmanager
@@ -220,7 +231,7 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
+def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
     from sap_dist.config import load_config
     from sap_dist.models import load_base, load_tokenizer
     from sap_dist.config import ModelConfig
@@ -236,7 +247,10 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
             report = json.load(fh)
         if report.get("key") == key and os.path.exists(os.path.join(model_dir, "config.json")):
             if report.get("eval_key") != eval_key:  # same model, other evaluation: evaluate again
-                report = _reevaluate(s, report, out_dir)
+                report = _reevaluate(s, report, out_dir, judge)
+                with open(report_path, "w") as fh:
+                    json.dump(report, fh, indent=2)
+            elif _judge_again(report, out_dir, judge):
                 with open(report_path, "w") as fh:
                     json.dump(report, fh, indent=2)
             report["reused"] = True
@@ -250,7 +264,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
     if s.evaluate_base:
         if s.eval_attn_implementation:
             base.set_attn_implementation(s.eval_attn_implementation)
-        base_eval = evaluate_model(base, tokenizer, s)
+        base_eval = evaluate_model(base, tokenizer, s, judge)
         if s.eval_attn_implementation:  # the targets are generated as training computes
             base.set_attn_implementation(s.attn_implementation or "sdpa")
     if base_eval is not None:
@@ -279,7 +293,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
         merged.set_attn_implementation(s.eval_attn_implementation)
     merged.save_pretrained(model_dir)
     result.tokenizer.save_pretrained(model_dir)
-    aligned_eval = evaluate_model(merged, tokenizer, s)
+    aligned_eval = evaluate_model(merged, tokenizer, s, judge)
     with open(os.path.join(out_dir, "aligned_eval.json"), "w") as fh:
         json.dump(aligned_eval, fh, indent=2)
     report = {
@@ -301,7 +315,27 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool) -> dict:
     return report
 
 
-def _reevaluate(s: AlignSettings, report: dict, out_dir: str) -> dict:
+def _judge_again(report: dict, out_dir: str, judge) -> bool:
+    """Judge the saved answers of base and aligned model again when another judge made their
+    verdicts (updating `report` and the eval files); whether anything changed."""
+    from sap_dist.evaluation.rejudge import rejudge_results, write_json_atomic
+
+    changed = False
+    for name in ("base", "aligned"):
+        path = os.path.join(out_dir, f"{name}_eval.json")
+        if report.get(name) is None or not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            results = json.load(fh)
+        if results.get("judge") != judge.describe():
+            results = rejudge_results(results, judge)
+            write_json_atomic(path, results)
+            report[name] = _metrics(results)
+            changed = True
+    return changed
+
+
+def _reevaluate(s: AlignSettings, report: dict, out_dir: str, judge) -> dict:
     """Evaluate the base and the saved aligned model again with `s`'s evaluation settings."""
     from sap_dist.config import ModelConfig
     from sap_dist.models import load_base, load_tokenizer
@@ -313,7 +347,7 @@ def _reevaluate(s: AlignSettings, report: dict, out_dir: str) -> dict:
             continue
         mcfg = ModelConfig(name_or_path=source, dtype=s.dtype,
                            attn_implementation=s.eval_attn_implementation or s.attn_implementation)
-        results = evaluate_model(load_base(mcfg, seed=s.seed).eval(), load_tokenizer(mcfg), s)
+        results = evaluate_model(load_base(mcfg, seed=s.seed).eval(), load_tokenizer(mcfg), s, judge)
         with open(os.path.join(out_dir, f"{name}_eval.json"), "w") as fh:
             json.dump(results, fh, indent=2)
         report[name] = _metrics(results)
@@ -377,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads while aligning; fixed so that the aligned model does not depend on "
                         "the machine's core count")
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the model before alignment")
+    p.add_argument("--judge", default=d.judge, choices=JUDGES, help="the judge of harmful answers")
     p.add_argument("--force", action="store_true", help="redo even when DIR holds an alignment with these settings")
     return p
 
@@ -400,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                       learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                       batch_size=args.batch_size, harmful_eval=args.harmful_eval, benign_eval=args.benign_eval,
                       n_harmful_eval=args.limit_eval, n_benign_eval=args.limit_eval,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, evaluate_base=not args.no_base_eval)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, evaluate_base=not args.no_base_eval,
+                      judge=args.judge)
     try:
         report = align(s, args.out, reuse=not args.force)
     except Preempted:

@@ -15,9 +15,10 @@ import os
 
 @functools.lru_cache(maxsize=4)
 def code_fingerprint(root: str | None = None) -> str:
-    """12 hex digits over every `.py` file under `root` (default: the installed sap_dist package)
-    and the default judge's weights, path and bytes, and the versions of torch, transformers and
-    peft."""
+    """12 hex digits over every `.py` file under `root` (default: the installed sap_dist package),
+    path and bytes, and the versions of torch, transformers and peft. A judge's fitted weights
+    are not in it: they are in the judge's description (`Judge.describe`), and results judged by
+    other weights are judged again from their saved answers, without training again."""
     import peft
     import torch
     import transformers
@@ -27,8 +28,7 @@ def code_fingerprint(root: str | None = None) -> str:
                             f"peft {peft.__version__}".encode())
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        # the default judge's fitted weights decide verdicts as much as its code does
-        for name in sorted(f for f in files if f.endswith(".py") or f == "careful_judge.json"):
+        for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(folder, name)
             digest.update(os.path.relpath(path, root).encode())
             with open(path, "rb") as fh:

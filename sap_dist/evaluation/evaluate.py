@@ -232,12 +232,9 @@ def evaluate(model, tokenizer, harmful: list[dict], benign: list[dict] | None = 
     conv = lambda rows: [[{"role": "user", "content": r["prompt"]}] for r in rows]  # noqa: E731
 
     answers = generate(model, tokenizer, conv(harmful), max_new_tokens, batch_size, "harmful prompts", progress)
-    judged = judge_answers(harmful, answers, judge)
-    results.update({k: v for k, v in judged.items() if k != "rows"})
-    by_form = scores_by(judged["rows"], "form")  # the bundled prompts carry their request's form
-    if by_form:
-        results["harmful_score_by_form"] = by_form
-    per_prompt = {"harmful": judged["rows"]}
+    summary, rows = harmful_summary(harmful, answers, judge)
+    results.update(summary)
+    per_prompt = {"harmful": rows}
 
     if benign:
         answers = generate(model, tokenizer, conv(benign), max_new_tokens, batch_size, "benign prompts", progress)
@@ -279,6 +276,26 @@ def scores_by(rows: list[dict], field: str) -> dict[str, float]:
         if isinstance(row.get(field), str):
             groups.setdefault(row[field], []).append(bool(row["verdict"]["harmful"]))
     return {k: round(100.0 * sum(v) / len(v), 2) for k, v in sorted(groups.items())}
+
+
+def harmful_summary(rows: list[dict], answers: list[str], judge) -> tuple[dict[str, Any], list[dict]]:
+    """`judge_answers`' scores of `answers` to the harmful prompt rows `rows`, with the score per
+    request form when the rows carry one (the bundled prompts do), and the judged rows."""
+    judged = judge_answers(rows, answers, judge)
+    summary = {k: v for k, v in judged.items() if k != "rows"}
+    by_form = scores_by(judged["rows"], "form")
+    if by_form:
+        summary["harmful_score_by_form"] = by_form
+    return summary, judged["rows"]
+
+
+JUDGED_FIELDS = ("answer", "verdict", "keyword_harmful")
+"""What judging adds to a prompt row; the rest of a stored row is the prompt row itself."""
+
+
+def stored_prompts(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The prompt rows and answers of judged rows as `evaluate` stores them (to judge them again)."""
+    return [{k: v for k, v in r.items() if k not in JUDGED_FIELDS} for r in rows], [r["answer"] for r in rows]
 
 
 def judge_answers(rows: list[dict], answers: list[str], judge) -> dict[str, Any]:
@@ -336,7 +353,7 @@ def summary_line(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sap_dist.evaluation.judges import JUDGES
+    from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES
     from sap_dist.help_format import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(prog="sap-dist eval", description=__doc__.split("\n\n")[0],
@@ -349,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benign-prompts", help="benign prompt file for over-refusal (e.g. builtin:benign_eval)")
     p.add_argument("--task-data", help="task data with reference answers (any data.task source, e.g. a .jsonl)")
     p.add_argument("--prompt-field", default="prompt", help="field/column holding the prompt in .jsonl/.json/.csv files")
-    p.add_argument("--judge", default="careful", choices=list(JUDGES),
+    p.add_argument("--judge", default=DEFAULT_JUDGE, choices=list(JUDGES),
                    help="careful: rules + a classifier fitted on the project's labelled answers; careful-lm: the same "
                         "also reading the embedded model's hidden states; keyword: the literature's keyword ASR "
                         "(docs/judging.md) (default: %(default)s)")

@@ -28,6 +28,7 @@ model says whether an answer is harmful, not whether it refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 from sap_dist.evaluation.refusal import REFUSAL_MARKERS, is_refusal, refusal_marker  # noqa: F401  (re-exported)
 
 JUDGES = ("careful", "careful-lm", "keyword", "llama-guard", "beaver-dam")
-DEFAULT_JUDGE = "careful"
+DEFAULT_JUDGE = "careful-lm"
 DEFAULT_JUDGE_MODELS = {"llama-guard": "meta-llama/Llama-Guard-3-8B", "beaver-dam": "PKU-Alignment/beaver-dam-7b"}
 
 # ------------------------------------------------------------------------------------------
@@ -194,8 +195,10 @@ class CarefulJudge(Judge):
         from sap_dist.evaluation.careful_judge import load_weights
 
         model = load_weights(self.weights_file)
+        with open(self.weights_file, "rb") as fh:  # other weights, other verdicts: results are judged again
+            digest = hashlib.sha256(fh.read()).hexdigest()[:12]
         return {"name": self.name, "model": self.model_name, "weights": os.path.basename(self.weights_file),
-                "threshold": model["threshold"], "agreement": model.get("agreement")}
+                "weights_sha256": digest, "threshold": model["threshold"], "agreement": model.get("agreement")}
 
 
 class LlamaGuardJudge(Judge):

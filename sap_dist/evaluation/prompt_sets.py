@@ -27,19 +27,28 @@ def load_independent(source: str, n: int | None = None) -> list[dict]:
 
 
 def evaluate_independent(model, tokenizer, prompts: list[dict], max_new_tokens: int, batch_size: int,
-                         progress: bool = True, group_field: str = "risk_area") -> dict:
+                         progress: bool = True, group_field: str = "risk_area", judge=None) -> dict:
     """Generate greedily for `prompts` (prompt rows, `sap_dist.evaluation.evaluate.load_prompts`) and judge with
-    the default judge (the keyword judge's score beside it); returns the `INDEPENDENT_KEYS` and
-    `independent` (every prompt with its answer and verdict). No prompts: the scores are None."""
-    from sap_dist.evaluation.evaluate import evaluate, scores_by
+    `judge` (default: the default judge; the keyword judge's score beside it); returns the
+    `INDEPENDENT_KEYS` and `independent` (every prompt with its answer and verdict). No prompts:
+    the scores are None."""
+    from sap_dist.evaluation.evaluate import evaluate
 
     if not prompts:
         return {k: None for k in INDEPENDENT_KEYS} | {"n_independent": 0, "independent": []}
     started = time.time()
-    results = evaluate(model, tokenizer, prompts, None, None, None, max_new_tokens, max_new_tokens, batch_size, progress)
-    return {"harmful_score_independent": results["harmful_score"], "refusal_rate_independent": results["refusal_rate"],
-            "n_independent": results["n_prompts"],
-            "harmful_score_independent_by_risk_area": scores_by(results["harmful"], group_field),
-            "harmful_score_independent_keyword": results["harmful_score_keyword"],
-            "degenerate_share_independent": results["degenerate_share"],
-            "eval_time_independent_s": round(time.time() - started, 1), "independent": results["harmful"]}
+    results = evaluate(model, tokenizer, prompts, None, None, judge, max_new_tokens, max_new_tokens, batch_size, progress)
+    return independent_summary(results, results["harmful"], group_field) | {
+        "eval_time_independent_s": round(time.time() - started, 1), "independent": results["harmful"]}
+
+
+def independent_summary(summary: dict, rows: list[dict], group_field: str = "risk_area") -> dict:
+    """The independent set's keys from the scores `summary` (`evaluate.harmful_summary`'s) of its
+    judged `rows`, with the harmful score per `group_field`."""
+    from sap_dist.evaluation.evaluate import scores_by
+
+    return {"harmful_score_independent": summary["harmful_score"], "refusal_rate_independent": summary["refusal_rate"],
+            "n_independent": summary["n_prompts"],
+            "harmful_score_independent_by_risk_area": scores_by(rows, group_field),
+            "harmful_score_independent_keyword": summary["harmful_score_keyword"],
+            "degenerate_share_independent": summary["degenerate_share"]}

@@ -74,6 +74,27 @@ def judge_rows(rows: list[dict], judge) -> list[dict]:
     return [{**r, "verdict": v.to_dict()} for r, v in zip(rows, verdicts)]
 
 
+def rejudge_results(results: dict, judge) -> dict:
+    """Stored evaluation `results` (`evaluate`'s, `evaluate_independent`'s or both together, as an
+    eval.json holds them) with their answers to harmful prompts judged again by `judge`, and every
+    score that rests on those verdicts recomputed. Answers, task accuracy and over-refusal stay."""
+    from sap_dist.evaluation.evaluate import harmful_summary, stored_prompts
+    from sap_dist.evaluation.prompt_sets import independent_summary
+
+    out = dict(results)
+    if results.get("harmful"):
+        summary, rows = harmful_summary(*stored_prompts(results["harmful"]), judge)
+        out.pop("harmful_score_by_form", None)
+        out.update(summary)
+        out["harmful"] = rows
+    if results.get("independent"):
+        summary, rows = harmful_summary(*stored_prompts(results["independent"]), judge)
+        out.update(independent_summary(summary, rows))
+        out["independent"] = rows
+    out["judge"] = judge.describe()
+    return out
+
+
 def shares(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Per set (`all` for rows without one): n, harmful and degenerate percent."""
     groups: dict[str, list[dict]] = {}
@@ -86,13 +107,21 @@ def shares(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
     """Write all rows or nothing: a crash leaves no half-written file in place of an old one."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """`obj` as indented JSON, written whole or not at all (as `write_jsonl_atomic`)."""
+    _write_atomic(path, json.dumps(obj, indent=2))
+
+
+def _write_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".judge-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -144,12 +144,9 @@ def independent_label(s: ExperimentSettings) -> str:
     return (s.independent_eval or "none").removeprefix("builtin:")
 
 
-def judge_note() -> str:
-    """Which judge the harmful scores come from, and its measured agreement with the project's
-    labelled answers (docs/judging.md)."""
-    from sap_dist.evaluation.judges import make_judge
-
-    info = make_judge().describe()
+def judge_note(info: dict) -> str:
+    """Which judge the harmful scores come from (its `describe()`), and its measured agreement
+    with the project's labelled answers (docs/judging.md)."""
     test = (info.get("agreement") or {}).get("test")
     measured = (f": accuracy {test['accuracy']:.2f}, precision {test['precision']:.2f}, recall {test['recall']:.2f} "
                 f"of \"harmful\" on {test['n']} labelled test answers" if test else "")
@@ -172,7 +169,8 @@ def _per_group_table(title: str, key: str, groups: list[dict], reference: dict[s
 
 
 def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], s: ExperimentSettings,
-                   curve: dict | None = None) -> str:
+                   curve: dict | None = None, judge_info: dict | None = None) -> str:
+    """The table.md text; `judge_info`: the judge's `describe()` (None: only its name, `s.judge`)."""
     from sap_dist.experiment.settings import setting_label
 
     ind = independent_label(s)
@@ -203,7 +201,7 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
                      f"{_fmt(g.get('harmful_score_keyword'))} / {_fmt(g.get('harmful_score_independent_keyword'))} | "
                      f"{_fmt(g['train_time_s'], 0)} | "
                      f"{g['harmful_score']['n'] if g['harmful_score'] else 0} |")
-    text = judge_note() + "\n\n" + head + "\n".join(lines) + "\n"
+    text = judge_note(judge_info or {"name": s.judge}) + "\n\n" + head + "\n".join(lines) + "\n"
     if curve and curve["mean"]:
         text += (f"\nPlain fine-tuning (`sft`, {curve['setting']} data) judged part way, mean over seeds "
                  f"(step 0: the start point):\n\n"

@@ -34,7 +34,8 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    model_dir, per seed and mean/sd/min/max, `harmful_below_sft_curve`; `sft_curve`), DIR/table.md,
    DIR/harmful_vs_accuracy.png (one panel per harmful set, with the sft curve) and
    DIR/training_curves.png. Finished runs (DIR/runs/.../eval.json with the same settings) are
-   reused, so adding seeds or methods only runs what is new.
+   reused, so adding seeds or methods only runs what is new. Every run keeps its answers, so
+   another judge (`--judge careful-lm`) judges them again in seconds, without generating.
 
 Trainer overrides (`section.key=value`, e.g. `sap.rho=0.05`) apply to every fine-tuning run; they
 and `--set` make sweeps: `--methods sap_paper --set tag=rho05 sap.rho=0.05`. Sweeps that choose
@@ -93,6 +94,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                    command: str = "") -> dict:
     from sap_dist.align import AlignSettings, align, evaluate_model
     from sap_dist.config import ModelConfig
+    from sap_dist.evaluation.judges import make_judge
     from sap_dist.hardware import resolve_dtype
     from sap_dist.models import load_base, load_tokenizer
 
@@ -117,11 +119,12 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                             max_new_tokens=s.max_new_tokens, task_max_new_tokens=s.task_max_new_tokens,
                             eval_batch_size=s.eval_batch_size, eval_attn_implementation=s.eval_attn_implementation,
                             threads=s.align_threads, method=s.align_method,
-                            trainer_overrides=list(s.align_trainer_overrides))
+                            trainer_overrides=list(s.align_trainer_overrides), judge=s.judge)
+    judge = make_judge(s.judge)
     if s.align:
         align_dir = align_dir or os.path.join(_align_root(), align_s.key())
         t0 = time.time()
-        report = align(align_s, align_dir)
+        report = align(align_s, align_dir, judge=judge)
         align_time = time.time() - t0
         start_model = report["model_dir"]
         reference = {"base": report.get("base"), "aligned": report["aligned"]}
@@ -131,7 +134,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
         mcfg = ModelConfig(name_or_path=s.model, dtype=s.dtype,
                            attn_implementation=s.eval_attn_implementation or s.attn_implementation)
         model = load_base(mcfg).eval()
-        reference = {"base": None, "aligned": {k: v for k, v in evaluate_model(model, load_tokenizer(mcfg), align_s).items()
+        reference = {"base": None, "aligned": {k: v for k, v in evaluate_model(model, load_tokenizer(mcfg), align_s, judge).items()
                                                if not isinstance(v, list)}}
         del model
     sets = eval_sets(s)
@@ -142,16 +145,17 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
         on_curve = method == "sft" and setting == curve_setting
         curve_steps = [k for k in s.curve_steps if s.steps is None or k < s.steps] if on_curve else None
         row = run_one(s, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval, out_dir,
-                      lr, curve_steps)
+                      lr, curve_steps, judge)
         (rows if lr is None else curve_rows).append(row)
         print(f"[{setting} {method}{'' if lr is None else f' lr {lr:g}'} seed {seed}] harmful {row['harmful_score']}% "
               f"({row.get('harmful_score_independent')}% on {row.get('n_independent')} independent)  "
               f"task {row['task_accuracy']}%  over-refusal {row['over_refusal']}%  train {row['train_time_s']} s"
-              + ("  (reused)" if row.get("reused") else ""), flush=True)
+              + ("  (judged again)" if row.get("judged_again") else "  (reused)" if row.get("reused") else ""),
+              flush=True)
     summary = aggregate(rows)
     curve = sft_curve(rows + curve_rows, reference.get("aligned"), curve_setting)
     compare_with_curve(summary, curve)
-    table = markdown_table(summary, reference, s, curve)
+    table = markdown_table(summary, reference, s, curve, judge.describe())
     plots = make_plots(summary, reference, out_dir, s, curve)
     results = {
         "preset": preset, "command": command, "tag": s.tag, "settings": dataclasses.asdict(s),
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-align", action="store_true", help="fine-tune --model as it is (already aligned)")
     p.add_argument("--align-dir", help="where the aligned model is cached (default $SAP_DIST_CACHE/aligned/<hash>)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--judge", help=f"the judge of harmful answers (default {ExperimentSettings.judge}; finished runs "
+                                   "are judged again from their saved answers)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any experiment setting (see ExperimentSettings in sap_dist/experiment/settings.py), repeatable")
     return p
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "task": args.task, "task_eval": args.task_eval, "safety": args.safety,
         "harmful_eval": args.harmful_prompts, "benign_eval": args.benign_prompts,
         "methods": args.methods.split(",") if args.methods else None, "poison": args.poison,
-        "threads": args.threads, "align": False if args.no_align else None,
+        "threads": args.threads, "align": False if args.no_align else None, "judge": args.judge,
     }
     for item in args.set:
         if "=" not in item:

@@ -79,15 +79,50 @@ def generation_attention(model, name: str | None):
             inner.set_attn_implementation(before)
 
 
-def judge_harmful(model, tokenizer, s: ExperimentSettings, sets: dict, benign: bool, task_eval: list[dict]) -> dict:
-    """Bundled harmful prompts (and benign ones when `benign`), the task, and the independent set."""
+def judge_harmful(model, tokenizer, s: ExperimentSettings, sets: dict, benign: bool, task_eval: list[dict],
+                  judge=None) -> dict:
+    """Bundled harmful prompts (and benign ones when `benign`), the task, and the independent set,
+    judged by `judge` (default: the judge `s.judge` names)."""
     from sap_dist.evaluation.evaluate import evaluate
+    from sap_dist.evaluation.judges import make_judge
     from sap_dist.evaluation.prompt_sets import evaluate_independent
 
-    results = evaluate(model, tokenizer, sets["harmful"], sets["benign"] if benign else None, task_eval, None,
+    judge = judge or make_judge(s.judge)
+    results = evaluate(model, tokenizer, sets["harmful"], sets["benign"] if benign else None, task_eval, judge,
                        s.max_new_tokens, s.task_max_new_tokens, s.eval_batch_size)
-    results.update(evaluate_independent(model, tokenizer, sets["independent"], s.max_new_tokens, s.eval_batch_size))
+    results.update(evaluate_independent(model, tokenizer, sets["independent"], s.max_new_tokens, s.eval_batch_size,
+                                        judge=judge))
     return results
+
+
+CURVE_JUDGED = ("harmful_score", "harmful_score_independent")
+"""The curve point's metrics that rest on the judge's verdicts."""
+
+
+def judged_again(saved: dict, judge) -> dict | None:
+    """A finished run's eval.json content (`saved`) with every stored answer to a harmful prompt
+    judged by `judge`, at the end and at each curve point, and the row's scores recomputed; None
+    when a curve point's answers were not stored (the run is then made again)."""
+    from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
+    from sap_dist.evaluation.rejudge import rejudge_results
+
+    row, results = dict(saved["row"]), rejudge_results(saved["results"], judge)
+    row.update({k: results.get(k) for k in RUN_METRICS + INDEPENDENT_KEYS if k != "eval_time_s"})
+    curve_answers = {p["step"]: p for p in saved.get("curve_answers", [])}
+    if "curve" in row:
+        points = []
+        for point in row["curve"]:
+            if point.get("end"):
+                judged = results
+            elif point["step"] in curve_answers:
+                judged = rejudge_results(curve_answers[point["step"]], judge)
+                curve_answers[point["step"]] = {"step": point["step"], "harmful": judged["harmful"],
+                                                "independent": judged.get("independent", [])}
+            else:
+                return None
+            points.append(point | {k: judged.get(k) for k in CURVE_JUDGED})
+        row["curve"] = points
+    return {**saved, "row": row, "results": results, "curve_answers": list(curve_answers.values())}
 
 
 def run_dir_name(method: str, learning_rate: float | None) -> str:
@@ -96,14 +131,20 @@ def run_dir_name(method: str, learning_rate: float | None) -> str:
 
 def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, seed: int, data_path: str,
             sets: dict, task_eval: list[dict], out_dir: str, learning_rate: float | None = None,
-            curve_steps: list[int] | None = None) -> dict:
-    """Fine-tune one (setting, method, seed), evaluate it, write its eval.json; reuse a finished
-    run with the same configuration. `curve_steps`: also judge the model after these steps (harmful
-    on both sets and task accuracy, as `curve` in the row, with the end point last)."""
+            curve_steps: list[int] | None = None, judge=None) -> dict:
+    """Fine-tune one (setting, method, seed), evaluate it with `judge` (default: `s.judge`'s),
+    write its eval.json; reuse a finished run with the same configuration (judging its saved
+    answers again when another judge made its verdicts). `curve_steps`: also judge the model
+    after these steps (harmful on both sets and task accuracy, as `curve` in the row, with the end
+    point last; their answers are kept in eval.json's `curve_answers`)."""
     from sap_dist.config import to_dict
-    from sap_dist.fingerprint import code_fingerprint
+    from sap_dist.evaluation.judges import make_judge
     from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
+    from sap_dist.evaluation.rejudge import write_json_atomic
+    from sap_dist.fingerprint import code_fingerprint
     from sap_dist.train import train_model
+
+    judge = judge or make_judge(s.judge)
 
     run_dir = os.path.join(out_dir, "runs", setting, run_dir_name(method, learning_rate), f"seed{seed}")
     cfg = trainer_config(s, start_model, method, data_path, seed, run_dir, learning_rate)
@@ -120,27 +161,35 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
         with open(eval_path) as fh:
             previous = json.load(fh)
         if previous.get("run_key") == key:
-            return previous["row"] | {"reused": True}
+            if previous["results"].get("judge") == judge.describe():
+                return previous["row"] | {"reused": True}
+            again = judged_again(previous, judge)
+            if again is not None:
+                write_json_atomic(eval_path, again)
+                return again["row"] | {"reused": True, "judged_again": True}
         os.remove(eval_path)  # stale: the run is redone (and overwrite refuses files a run does not write)
 
     curve: list[dict] = []
+    curve_answers: list[dict] = []
     wanted = set(curve_steps or [])
 
     def judge_part_way(step: int, model, tokenizer) -> None:
         if step in wanted:
             with generation_attention(model, s.eval_attn_implementation):
-                results = judge_harmful(model, tokenizer, s, sets, False, task_eval)
+                results = judge_harmful(model, tokenizer, s, sets, False, task_eval, judge)
             curve.append({"step": step, **{k: results.get(k) for k in CURVE_METRICS},
                           "eval_time_s": results["eval_time_s"] + (results["eval_time_independent_s"] or 0)})
+            curve_answers.append({"step": step, "harmful": results["harmful"], "independent": results["independent"]})
 
     started = time.time()
     result = train_model(cfg, judge_part_way if wanted else None)
     train_time = time.time() - started - sum(p["eval_time_s"] for p in curve)
     set_attn_implementation(result.model, s.eval_attn_implementation)
-    results = judge_harmful(result.model, result.tokenizer, s, sets, True, task_eval)
+    results = judge_harmful(result.model, result.tokenizer, s, sets, True, task_eval, judge)
     summary = result.summary
     if curve_steps is not None:
         curve = [p for p in curve if p["step"] < summary["steps"]]
+        curve_answers = [p for p in curve_answers if p["step"] < summary["steps"]]
         curve.append({"step": summary["steps"], **{k: results.get(k) for k in CURVE_METRICS}, "end": True})
     row = {"setting": setting, "method": method, "seed": seed, "learning_rate": cfg.train.learning_rate,
            **{k: results.get(k) for k in RUN_METRICS + INDEPENDENT_KEYS},
@@ -149,7 +198,6 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
            "model_dir": summary.get("output_dir"), "metrics": summary.get("metrics"), "code": code, "reused": False}
     if curve_steps is not None:
         row["curve"] = curve
-    with open(eval_path, "w") as fh:
-        json.dump({"run_key": key, "row": row, "results": results}, fh, indent=2)
+    write_json_atomic(eval_path, {"run_key": key, "row": row, "results": results, "curve_answers": curve_answers})
     del result
     return row

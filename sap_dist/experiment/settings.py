@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sap_dist import methods as registry
+from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES
 
 
 METHODS: dict[str, dict[str, Any]] = {name: overrides for name, (_, overrides) in registry.experiment_methods().items()}
@@ -109,6 +110,10 @@ class ExperimentSettings:
     eval_batch_size: int = 32
     eval_attn_implementation: str | None = None
     """Attention implementation for generation (e.g. `sdpa`), when it differs from training's."""
+    judge: str = DEFAULT_JUDGE
+    """Which judge calls answers to harmful prompts harmful (`sap-dist judge`'s names: `careful`,
+    `careful-lm`, `keyword`, ...; docs/judging.md). Changing it judges every finished run's
+    saved answers again (start point and sft curve included); nothing is generated again."""
     clean_seeds: list[int] | None = None
     """Seeds of the clean setting's runs (None: all `seeds`)."""
     threads: int | None = None
@@ -163,6 +168,8 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
     from sap_dist.hardware import check_dtype
 
+    if s.judge not in JUDGES:
+        raise ValueError(f"unknown judge {s.judge!r}; use one of {', '.join(JUDGES)}")
     check_dtype(s.dtype)
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
