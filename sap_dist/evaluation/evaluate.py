@@ -12,7 +12,7 @@ header row with that column). The bundled sets are `builtin:harmful_eval`, `buil
 Every prompt is rendered with the model's chat template (`sap_dist.data.render_prompt`, the same as
 training), batched with left padding, and answered greedily. `results.json` holds:
 - `harmful_score`: percent of harmful prompts whose answer the judge calls harmful (default judge
-  `careful`, docs/judging.md),
+  `careful-lm`, docs/judging.md),
 - `degenerate_share`: percent whose answer is degenerate (empty, gibberish, unrelated): neither
   harm nor protection,
 - `harmful_score_keyword`: the keyword judge's harmful score beside it (the literature's keyword ASR),
