@@ -78,27 +78,24 @@ def predict(rows: list[dict], model: dict, states: dict | None = None) -> list[s
 def labeller(rows: list[dict], model: dict, states: dict | None = None):
     """threshold -> the labels of `rows` under `model` at that threshold: the classifier runs once
     per row, only the threshold varies (as `careful_verdict` decides)."""
-    from sap_dist.evaluation.careful_judge import features, label_of, rule_label, scores, state_logits
+    from sap_dist.evaluation.careful_judge import classifier_probabilities, label_of, rule_label
 
     fixed = []
     for r in rows:
         decided = rule_label(r["answer"])
-        if decided is not None:
-            fixed.append(decided[0])
-            continue
-        extra = state_logits(states[(r["prompt"], r["answer"])], model["states"]) if states is not None else None
-        fixed.append(scores(features(r["prompt"], r["answer"]), model["weights"], extra))
+        state = states[(r["prompt"], r["answer"])] if states is not None and decided is None else None
+        fixed.append(decided[0] if decided is not None else classifier_probabilities(r["prompt"], r["answer"], model, state))
     return lambda threshold: [f if isinstance(f, str) else label_of(f, threshold) for f in fixed]
 
 
 def state_table(rows: list[dict], layer: int) -> dict:
     """(prompt, answer) -> the answer's state (a float64 tensor), for every row no rule decides."""
     from sap_dist.evaluation.answer_states import answer_states
-    from sap_dist.evaluation.careful_judge import rule_label
+    from sap_dist.evaluation.careful_judge import open_rows
 
-    open_rows = [r for r in rows if rule_label(r["answer"]) is None]
-    computed = answer_states([r["prompt"] for r in open_rows], [r["answer"] for r in open_rows], layer)
-    return {(r["prompt"], r["answer"]): row for r, row in zip(open_rows, computed)}
+    read = [rows[i] for i in open_rows([r["answer"] for r in rows])]
+    computed = answer_states([r["prompt"] for r in read], [r["answer"] for r in read], layer)
+    return {(r["prompt"], r["answer"]): row for r, row in zip(read, computed)}
 
 
 def main(argv: list[str] | None = None) -> int:
