@@ -204,7 +204,7 @@ def _metrics(results: dict) -> dict:
     from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
 
     keys = ("harmful_score", "refusal_rate", "over_refusal", "task_accuracy", "harmful_score_keyword",
-            "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s") + INDEPENDENT_KEYS
+            "harmful_score_by_form", "degenerate_share", "n_prompts", "n_benign", "n_task", "eval_time_s") + INDEPENDENT_KEYS
     return {k: results.get(k) for k in keys}
 
 

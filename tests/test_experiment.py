@@ -274,6 +274,10 @@ def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):
     table = results["table_markdown"]
     assert "harmful ↓ (donotanswer_test)" in table and "judged part way" in table and "per risk area" in table
     assert "per request form" in table
+    # the start point's row of the per-form table: its scores per form are in the reference
+    assert results["reference"]["aligned"]["harmful_score_by_form"] == \
+        json.loads((align_dir / "aligned_eval.json").read_text())["harmful_score_by_form"]
+    assert "| start point (aligned) |" in table.split("per request form")[1]
     assert os.path.exists(os.path.join(results["start_model"], "config.json"))
     assert (out / "table.md").read_text() == results["table_markdown"]
     for path in results["plots"]:
