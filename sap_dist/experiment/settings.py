@@ -133,10 +133,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  method_overrides={m: ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]
                                    for m in ("sap_paper", "sap_reference", "sap_every_step", "sap_fast")},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # 2 CPU cores, about 13 minutes with the aligned model cached (measured in docs/experiment.md):
-    # 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts. The README's table
-    # adds the clean-data sft run and the step-8 curve point (`--set clean_methods=[sft]
-    # --set curve_steps=[8,16]`); a curve point costs a full judging (~24 s)
+    # the README's table: 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts.
+    # 2 CPU cores, with the aligned model cached: about 13 minutes in bf16 with AMX, about 45 in
+    # fp32 with AVX2 only (docs/experiment.md); a curve point costs a full judging
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],
