@@ -184,6 +184,10 @@ class CarefulJudge(Judge):
         self.name = "careful-lm" if reads_states else "careful"
         self.weights_file = LM_WEIGHTS_FILE if reads_states else WEIGHTS_FILE
         self.model_name = "embedded smollm2-135m-instruct (fp32, reader only)" if reads_states else None
+        if reads_states:
+            from sap_dist.embedded import converted_dir
+
+            converted_dir()  # fetched (once) now: an offline node fails here, before any answer is generated
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         from sap_dist.evaluation.careful_judge import careful_verdicts, load_weights

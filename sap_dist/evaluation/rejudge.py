@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sap_dist.embedded import EmbeddedModelError
     from sap_dist.evaluation.judges import make_judge
 
     parser = build_parser()
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out.endswith(".jsonl"):
                 raise DataError(f"--out {args.out}: the verdicts are written as JSON lines; name a .jsonl file")
         judge = make_judge(args.judge, args.judge_model)
-    except DataError as exc:
+    except (DataError, EmbeddedModelError) as exc:
         print(f"sap-dist judge: error: {exc}", file=sys.stderr)
         return 2
     if args.agreement:
