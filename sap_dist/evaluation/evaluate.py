@@ -423,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         task = load_task_rows(args.task_data, args.limit) if args.task_data else None
         if args.model is None:
             args.model = base_of_run(args.adapter) if args.adapter else DEFAULT_MODEL
+        judge = make_judge(args.judge, args.judge_model)  # first: a judge that cannot load stops before the model
         model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype)
-        judge = make_judge(args.judge, args.judge_model)
     except (DataError, ModelLoadError, EmbeddedModelError) as exc:
         print(f"sap-dist eval: error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    DIR/harmful_vs_accuracy.png (one panel per harmful set, with the sft curve) and
    DIR/training_curves.png. Finished runs (DIR/runs/.../eval.json with the same settings) are
    reused, so adding seeds or methods only runs what is new. Every run keeps its answers, so
-   another judge (`--judge careful-lm`) judges them again in seconds, without generating.
+   another judge (`--judge careful`) judges them again without training or generating: in
+   seconds for `careful` or `keyword`, a minute or two per run for `careful-lm`.
 
 Trainer overrides (`section.key=value`, e.g. `sap.rho=0.05`) apply to every fine-tuning run; they
 and `--set` make sweeps: `--methods sap_paper --set tag=rho05 sap.rho=0.05`. Sweeps that choose

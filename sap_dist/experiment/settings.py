@@ -113,7 +113,8 @@ class ExperimentSettings:
     judge: str = DEFAULT_JUDGE
     """Which judge calls answers to harmful prompts harmful (`sap-dist judge`'s names: `careful`,
     `careful-lm`, `keyword`, ...; docs/judging.md). Changing it judges every finished run's
-    saved answers again (start point and sft curve included); nothing is generated again."""
+    saved answers again (sft curve points, and the start point cached by the align step, included)
+    without training or generating; a start point given with `align: false` is judged anew."""
     clean_seeds: list[int] | None = None
     """Seeds of the clean setting's runs (None: all `seeds`)."""
     threads: int | None = None
