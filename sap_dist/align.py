@@ -235,6 +235,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
     from sap_dist.config import load_config
     from sap_dist.models import load_base, load_tokenizer
     from sap_dist.config import ModelConfig
+    from sap_dist.evaluation.rejudge import write_json_atomic
     from sap_dist.train import train_model
 
     key, eval_key = s.key(), s.eval_key()
@@ -248,11 +249,12 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
         if report.get("key") == key and os.path.exists(os.path.join(model_dir, "config.json")):
             if report.get("eval_key") != eval_key:  # same model, other evaluation: evaluate again
                 report = _reevaluate(s, report, out_dir, judge)
-                with open(report_path, "w") as fh:
-                    json.dump(report, fh, indent=2)
-            elif _judge_again(report, out_dir, judge):
-                with open(report_path, "w") as fh:
-                    json.dump(report, fh, indent=2)
+            elif not _judge_again(report, out_dir, judge):
+                report["reused"] = True
+                return report
+            # the same key trains the same model; the evaluation's settings and judge are these now
+            report["settings"] = _report_settings(s) | {"judge": judge.name}
+            write_json_atomic(report_path, report)
             report["reused"] = True
             return report
     started = time.time()
@@ -299,7 +301,7 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
     report = {
         "key": key,
         "eval_key": eval_key,
-        "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "task_eval"},
+        "settings": _report_settings(s) | {"judge": judge.name},
         "model_dir": os.path.abspath(model_dir),
         "data": counts,
         "train": {k: result.summary[k] for k in ("steps", "task_examples", "task_truncated", "mean_step_time_s", "wall_time_s")},
@@ -310,9 +312,12 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
         "wall_time_s": round(time.time() - started, 1),
         "reused": False,
     }
-    with open(report_path, "w") as fh:
-        json.dump(report, fh, indent=2)
+    write_json_atomic(report_path, report)
     return report
+
+
+def _report_settings(s: AlignSettings) -> dict:
+    return {k: v for k, v in dataclasses.asdict(s).items() if k != "task_eval"}
 
 
 def _judge_again(report: dict, out_dir: str, judge) -> bool:

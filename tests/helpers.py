@@ -1,5 +1,5 @@
 """What several test modules build the same way: a tiny fp32 Llama with LoRA, seeded task
-and safety batches, and the counts the steps normalise by."""
+and safety batches, the counts the steps normalise by, and eval results judged from given answers."""
 
 from __future__ import annotations
 
@@ -42,3 +42,16 @@ def trained(model) -> list[torch.nn.Parameter]:
 
 def tokens_of(b) -> float:
     return float((b["labels"][:, 1:] != -100).sum())
+
+
+def judged_results(harmful: list[dict], answers: list[str], independent: list[dict], answers_independent: list[str],
+                   judge, **figures) -> dict:
+    """The judged part of an eval.json (`results`) for these prompts and answers, as `evaluate`
+    writes it, plus `figures` (task accuracy and the like, which no verdict decides)."""
+    from sap_dist.evaluation.evaluate import harmful_summary
+    from sap_dist.evaluation.prompt_sets import independent_summary
+
+    summary, rows = harmful_summary(harmful, answers, judge)
+    ind_summary, ind_rows = harmful_summary(independent, answers_independent, judge)
+    return {**summary, "harmful": rows, **independent_summary(ind_summary, ind_rows), "independent": ind_rows,
+            "judge": judge.describe(), **figures}

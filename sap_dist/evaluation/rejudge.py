@@ -26,6 +26,7 @@ import sys
 import tempfile
 
 from sap_dist.data import DataError, read_jsonl
+from sap_dist.run_control.run_files import follow_umask
 
 EVAL_SETS = ("harmful", "independent")
 """The lists of judged answers to harmful prompts an eval.json holds."""
@@ -122,10 +123,7 @@ def _write_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        # mkstemp makes the file 0600; a shared cache (the aligned start point) must stay readable
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        follow_umask(tmp)  # mkstemp makes it 0600; a shared cache (the aligned start point) must stay readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
