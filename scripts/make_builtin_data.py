@@ -204,7 +204,7 @@ def make_safety(rng: random.Random) -> list[dict[str, str]]:
         used = [r for r in align_rows if r["activity"] == harmful_requests.activity_id(activity[1], activity[2])]
         for r in harmful_requests.requests(rng, activity, SAFETY_PROMPTS_PER_ACTIVITY,
                                            skip_forms={u["form"] for u in used}, skip_prompts={u["prompt"] for u in used}):
-            rows.append({"prompt": r["prompt"], "safe": rng.choice(REFUSALS), "harmful": r["compliance"]})
+            rows.append({"prompt": r["prompt"], "safe": rng.choice(REFUSALS), "harmful": r["compliance"], "form": r["form"]})
     rng.shuffle(rows)
     return rows
 

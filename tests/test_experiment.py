@@ -74,6 +74,54 @@ def test_persistent_attack_setting(tmp_path):
         settings_from("quick", persistent_poison=1.0)
 
 
+def test_held_out_forms_leave_the_safety_pairs_and_the_mix_refusals(tmp_path):
+    """`safety_held_out_forms` takes those request forms out of the fine-tuning's safety data (the
+    pairs the runs read, so SAP's direction and the anchors, and `mix`'s refusal rows) and nothing
+    else; a form that is not in the data, or data without forms, stops with one line."""
+    from sap_dist.data import load_rows
+    from sap_dist.evaluation.evaluate import load_prompts
+
+    held = ["writing", "code", "steps"]
+    every = prepare_data(ExperimentSettings(), str(tmp_path / "all"))
+    assert every["safety"] == "builtin:safety" and "safety_pairs" not in every["counts"]
+    data = prepare_data(ExperimentSettings(safety_held_out_forms=held), str(tmp_path / "held"))
+    pairs, bundled = load_rows(data["safety"]), load_rows("builtin:safety")
+    assert data["safety"] == str(tmp_path / "held" / "data" / "safety_pairs.jsonl")
+    assert pairs == [r for r in bundled if r["form"] not in held] and len(pairs) == data["counts"]["safety_pairs"]
+    assert {r["form"] for r in bundled} - {r["form"] for r in pairs} == set(held)
+    form_of = {r["prompt"]: r["form"] for r in load_prompts("builtin:harmful_train")}
+    mixed = [json.loads(line) for line in open(data["train"]["poisoned"]["mix"])]
+    refused = [form_of[r["messages"][0]["content"]] for r in mixed if r.get("kind") == "refusal"]
+    assert refused and not set(refused) & set(held)
+    assert open(data["train"]["poisoned"]["plain"]).read() == open(every["train"]["poisoned"]["plain"]).read()
+    with pytest.raises(ValueError, match="'limerick' is no form of builtin:safety"):
+        prepare_data(ExperimentSettings(safety_held_out_forms=["limerick"]), str(tmp_path / "bad"))
+    no_forms = tmp_path / "pairs.jsonl"
+    no_forms.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "form"}) + "\n" for r in bundled))
+    with pytest.raises(ValueError, match=f"{no_forms}: row 1 has no `form` field"):
+        prepare_data(ExperimentSettings(safety=str(no_forms), safety_held_out_forms=held), str(tmp_path / "bad2"))
+
+
+def test_runs_train_on_the_pairs_left_after_holding_forms_out(tmp_path, monkeypatch):
+    """The runs read the pairs `safety_held_out_forms` leaves, the table sets those forms apart,
+    and another choice of forms (the same file path, other pairs) makes the run again."""
+    import yaml
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "exp"
+    base = ["--preset", "tiny", "--threads", "1", "--methods", "sap_paper", "--set", "clean_methods=[]",
+            "--set", "curve_steps=[]", "--set", "curve_learning_rates=[]", "--judge", "keyword",
+            "--out", str(out), "--align-dir", str(tmp_path / "aligned")]
+    assert experiment.main(base + ["--set", "safety_held_out_forms=[joke,steps]"]) == 0
+    run_dir = out / "runs" / "poisoned" / "sap_paper" / "seed0"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["safety"] == str(out / "data" / "safety_pairs.jsonl")
+    results = json.loads((out / "results.json").read_text())
+    assert "| joke (held out) | steps (held out) | mean of seen | mean of held out |" in results["table_markdown"]
+    assert experiment.main(base + ["--set", "safety_held_out_forms=[joke]"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["poisoned/sap_paper"]["runs"][0]["reused"] is False
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         settings_from("huge")
@@ -218,6 +266,9 @@ def test_aggregate_and_table():
     assert "| `sft` | poisoned | 65.0 | 0.0 |" in table  # per risk area
     assert summary["poisoned/sap_paper"]["harmful_score_by_form"] == {"joke": 11.25, "steps": 100.0}
     assert "per request form" in table and "| `sap_paper` | poisoned | 11.2 | 100.0 |" in table
+    apart = markdown_table(summary, {"base": None, "aligned": None}, ExperimentSettings(safety_held_out_forms=["joke"]))
+    assert "| model | data | steps | joke (held out) | mean of seen | mean of held out |" in apart
+    assert "| `sap_paper` | poisoned | 100.0 | 11.2 | 100.0 | 11.2 |" in apart
 
 
 def test_tiny_experiment_end_to_end(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ def _as_messages(messages: list[dict], response: str, **extra: Any) -> dict:
 
 def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
     """Write the fine-tuning sets and the held-out task split into out_dir/data; returns
-    {"train": {setting: {method_kind: path}}, "task_eval": rows, "counts": {...}}."""
+    {"train": {setting: {method_kind: path}}, "task_eval": rows, "counts": {...}, "safety": the
+    runs' safety source (a file there when `safety_held_out_forms` takes forms out)}."""
     from sap_dist.align import harmful_refusal_rows
     from sap_dist.data import load_rows, load_task_examples
     from sap_dist.evaluation.evaluate import load_prompts, load_task_rows
@@ -75,10 +76,18 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
 
     poison_rows = poison_rows_of(n_poison)
     refusal_pool = harmful_refusal_rows(s.mix_source, None, seed=1)
+    if "mix" in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds):
+        refusal_pool = without_forms(refusal_pool, s.safety_held_out_forms, s.mix_source)
+    safety, n_safety = s.safety, None
+    if s.safety_held_out_forms:
+        pairs = without_forms(load_rows(s.safety), s.safety_held_out_forms, s.safety, check_names=True)
+        safety, n_safety = _write_jsonl(os.path.join(data_dir, "safety_pairs.jsonl"), pairs), len(pairs)
     rng = random.Random(1234)
     train: dict[str, dict[str, str]] = {}
     counts: dict[str, Any] = {"task_train": n_task, "task_eval": len(eval_rows), "poison": n_poison,
                               "task_eval_duplicates_dropped": n_before - len(eval_rows)}
+    if n_safety is not None:
+        counts["safety_pairs"] = n_safety
     settings = [("poisoned", poison_rows)] if s.poison else []
     settings.append(("clean", []))
     if n_persistent:
@@ -96,4 +105,23 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
         train[name] = {"plain": _write_jsonl(os.path.join(data_dir, f"train_{name}.jsonl"), plain),
                        "mix": _write_jsonl(os.path.join(data_dir, f"train_{name}_mix.jsonl"), mixed)}
         counts[f"mix_{name}"] = n_mix
-    return {"train": train, "task_eval": eval_rows, "counts": counts}
+    return {"train": train, "task_eval": eval_rows, "counts": counts, "safety": safety}
+
+
+def without_forms(rows: list[dict], forms: list[str], source: str, check_names: bool = False) -> list[dict]:
+    """`rows` less those whose `form` is in `forms` (every row must name its form then);
+    `check_names`: each of `forms` must be a form of these rows (a misspelt form holds out nothing)."""
+    if not forms:
+        return rows
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("form"), str):
+            raise ValueError(f"{source}: row {i + 1} has no `form` field, which safety_held_out_forms needs")
+    present = sorted({row["form"] for row in rows})
+    unknown = [f for f in forms if f not in present]
+    if check_names and unknown:
+        raise ValueError(f"safety_held_out_forms: {', '.join(map(repr, unknown))} is no form of {source} "
+                         f"(its forms: {', '.join(present)})")
+    kept = [row for row in rows if row["form"] not in forms]
+    if not kept:
+        raise ValueError(f"safety_held_out_forms holds out every row of {source}")
+    return kept

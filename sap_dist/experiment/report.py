@@ -155,17 +155,32 @@ def judge_note(info: dict) -> str:
             "for comparison with papers.")
 
 
-def _per_group_table(title: str, key: str, groups: list[dict], reference: dict[str, dict | None]) -> str:
+def _per_group_table(title: str, key: str, groups: list[dict], reference: dict[str, dict | None],
+                     held_out: list[str] | None = None) -> str:
     """A table of one per-group score (`key`: group -> percent) for the start point and each
-    method group; empty when no run has it."""
-    columns = sorted({c for g in groups for c in g.get(key) or {}})
-    if not columns:
+    method group; empty when no run has it. `held_out`: groups set apart after the others, with
+    the mean over the groups seen and over those held out."""
+    present = sorted({c for g in groups for c in g.get(key) or {}})
+    if not present:
         return ""
+    apart = [c for c in present if c in (held_out or [])]
+    seen = [c for c in present if c not in apart]
+    heads = seen + [f"{c} (held out)" for c in apart] + (["mean of seen", "mean of held out"] if apart else [])
+
+    def cells(by: dict) -> list[str]:
+        out = [_one(by.get(c)) for c in seen + apart]
+        if apart:
+            out += [_one(_mean([by[c] for c in part if by.get(c) is not None])) for part in (seen, apart)]
+        return out
+
     rows = [("start point (aligned)", "–", (reference.get("aligned") or {}).get(key))]
     rows += [(f"`{g['method']}`", g["setting"], g.get(key)) for g in groups]
-    return (f"\n{title}:\n\n| model | data | {' | '.join(columns)} |\n|---|---|{'---|' * len(columns)}\n"
-            + "".join(f"| {name} | {data} | {' | '.join(_one(by.get(c)) for c in columns)} |\n"
-                      for name, data, by in rows if by))
+    return (f"\n{title}:\n\n| model | data | {' | '.join(heads)} |\n|---|---|{'---|' * len(heads)}\n"
+            + "".join(f"| {name} | {data} | {' | '.join(cells(by))} |\n" for name, data, by in rows if by))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], s: ExperimentSettings,
@@ -214,9 +229,11 @@ def markdown_table(summary: dict[str, dict], reference: dict[str, dict | None], 
                                                                       order.get(kv[1]["method"], 9)))]
     text += _per_group_table(f"Harmful score ↓ on {ind} per risk area (mean over seeds)",
                              "harmful_score_independent_by_risk_area", ordered, reference)
+    held_out = (f" (held out of the fine-tuning's safety data: {', '.join(s.safety_held_out_forms)}; the means "
+                "weigh each form the same)" if s.safety_held_out_forms else "")
     text += _per_group_table("Harmful score ↓ on the bundled prompts per request form (mean over seeds): does the "
-                             "protection hold on forms of request unlike its safety data?",
-                             "harmful_score_by_form", ordered, reference)
+                             f"protection hold on forms of request unlike its safety data?{held_out}",
+                             "harmful_score_by_form", ordered, reference, s.safety_held_out_forms)
     return text
 
 

@@ -139,14 +139,15 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                                                if not isinstance(v, list)}}
         del model
     sets = eval_sets(s)
+    run_settings = dataclasses.replace(s, safety=data["safety"])
     rows, curve_rows = [], []
     curve_setting = "poisoned" if s.poison else "clean"
     for seed, setting, method, lr in run_plan(s):
         kind = "mix" if method == "mix" else "plain"
         on_curve = method == "sft" and setting == curve_setting
         curve_steps = [k for k in s.curve_steps if s.steps is None or k < s.steps] if on_curve else None
-        row = run_one(s, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval, out_dir,
-                      lr, curve_steps, judge)
+        row = run_one(run_settings, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval,
+                      out_dir, lr, curve_steps, judge)
         (rows if lr is None else curve_rows).append(row)
         print(f"[{setting} {method}{'' if lr is None else f' lr {lr:g}'} seed {seed}] harmful {row['harmful_score']}% "
               f"({row.get('harmful_score_independent')}% on {row.get('n_independent')} independent)  "

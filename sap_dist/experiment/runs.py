@@ -138,6 +138,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     after these steps (harmful on both sets and task accuracy, as `curve` in the row, with the end
     point last; their answers are kept in eval.json's `curve_answers`)."""
     from sap_dist.config import to_dict
+    from sap_dist.data import load_rows
     from sap_dist.evaluation.judges import make_judge
     from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
     from sap_dist.evaluation.rejudge import write_json_atomic
@@ -154,7 +155,8 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
                                             "independent_eval", "n_independent_eval", "max_new_tokens",
                                             "task_max_new_tokens", "eval_attn_implementation")}
     code = code_fingerprint()  # a finished run is reused only by the code that made it
-    key = _hash({"cfg": to_dict(cfg), "data": data_sha, "eval": eval_conf, "task_eval": task_eval,
+    safety_sha = _hash(load_rows(s.safety))  # the same path may hold other pairs (other held-out forms)
+    key = _hash({"cfg": to_dict(cfg), "data": data_sha, "safety": safety_sha, "eval": eval_conf, "task_eval": task_eval,
                  "curve_steps": sorted(set(curve_steps or [])), "code": code})
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(eval_path):

@@ -56,6 +56,11 @@ class ExperimentSettings:
     """Use only the first N training rows of the task (None: all)."""
     safety: str = "builtin:safety"
     """SAP's contrastive pairs (any data.safety source)."""
+    safety_held_out_forms: list[str] = field(default_factory=list)
+    """Request forms (the rows' `form` field) taken out of the fine-tuning's safety data: the
+    safety pairs (SAP's harmful direction, the anchors) and `mix`'s refusal rows. The per-form
+    table then sets the bundled prompts of these forms apart, to show whether a defence holds on
+    requests unlike its data. Empty: every form. The alignment keeps every form."""
     harmful_eval: str = "builtin:harmful_eval"
     n_harmful_eval: int | None = 100
     benign_eval: str = "builtin:benign_eval"
