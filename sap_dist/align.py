@@ -90,6 +90,8 @@ class AlignSettings:
     judge: str = DEFAULT_JUDGE
     """Which judge scores base and aligned model (`sap-dist judge`'s names). Another judge than
     the one that made a cached report's verdicts judges its saved answers again."""
+    judge_model: str | None = None
+    """Checkpoint of a model judge (`llama-guard`, `beaver-dam`); None: its official one."""
     progress: bool = True
     threads: int | None = 1
     """torch CPU threads while aligning (None: as the process has). The trained weights depend on
@@ -118,7 +120,7 @@ class AlignSettings:
 
     def key(self) -> str:
         """Hash of everything that changes the aligned model (settings and data files)."""
-        skip = set(self.EVAL_FIELDS) | {"progress", "eval_batch_size", "judge"}
+        skip = set(self.EVAL_FIELDS) | {"progress", "eval_batch_size", "judge", "judge_model"}
         return self._hash([f.name for f in dataclasses.fields(self) if f.name not in skip])
 
     def eval_key(self) -> str:
@@ -187,7 +189,7 @@ def evaluate_model(model, tokenizer, s: AlignSettings, judge=None) -> dict:
     from sap_dist.evaluation.evaluate import evaluate, load_prompts
     from sap_dist.evaluation.judges import make_judge
 
-    judge = judge or make_judge(s.judge)
+    judge = judge or make_judge(s.judge, s.judge_model)
     harmful = load_prompts(s.harmful_eval, limit=s.n_harmful_eval)
     benign = load_prompts(s.benign_eval, limit=s.n_benign_eval)
     results = evaluate(model, tokenizer, harmful, benign, s.task_eval, judge, s.max_new_tokens, s.task_max_new_tokens,
@@ -216,7 +218,7 @@ def align(s: AlignSettings, out_dir: str, reuse: bool = True, judge=None) -> dic
     from sap_dist.evaluation.judges import make_judge
 
     with _torch_threads(s.threads):
-        return _align(s, out_dir, reuse, judge or make_judge(s.judge))
+        return _align(s, out_dir, reuse, judge or make_judge(s.judge, s.judge_model))
 
 
 @contextlib.contextmanager
@@ -417,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the machine's core count")
     p.add_argument("--no-base-eval", action="store_true", help="skip evaluating the model before alignment")
     p.add_argument("--judge", default=d.judge, choices=JUDGES, help="the judge of harmful answers")
+    p.add_argument("--judge-model", help="checkpoint of a model judge (llama-guard, beaver-dam): hub id or directory")
     p.add_argument("--force", action="store_true", help="redo even when DIR holds an alignment with these settings")
     return p
 
@@ -441,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                       batch_size=args.batch_size, harmful_eval=args.harmful_eval, benign_eval=args.benign_eval,
                       n_harmful_eval=args.limit_eval, n_benign_eval=args.limit_eval,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, evaluate_base=not args.no_base_eval,
-                      judge=args.judge)
+                      judge=args.judge, judge_model=args.judge_model)
     try:
         report = align(s, args.out, reuse=not args.force)
     except Preempted:

@@ -64,6 +64,8 @@ def test_every_bundled_refusal_is_recognised():
 def test_make_judge_unknown():
     with pytest.raises(ValueError, match="unknown judge"):
         judges.make_judge("gpt-judge")
+    with pytest.raises(ValueError, match="'careful' loads no checkpoint"):
+        judges.make_judge("careful", "meta-llama/Llama-Guard-3-8B")
 
 
 # ------------------------------------------------------------------------------------------

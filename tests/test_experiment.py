@@ -122,6 +122,25 @@ def test_runs_train_on_the_pairs_left_after_holding_forms_out(tmp_path, monkeypa
     assert again["methods"]["poisoned/sap_paper"]["runs"][0]["reused"] is False
 
 
+@pytest.mark.slow
+def test_a_model_judge_reads_the_checkpoint_it_is_given(tmp_path, monkeypatch):
+    """`--judge-model` reaches the experiment's model judge (a local directory, as on an offline
+    node; the embedded model stands in for a Llama Guard checkpoint), and only model judges take one."""
+    from sap_dist.embedded import converted_dir
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    checkpoint = converted_dir()
+    argv = ["--preset", "tiny", "--threads", "1", "--methods", "sft", "--set", "clean_methods=[]",
+            "--set", "curve_steps=[]", "--set", "curve_learning_rates=[]", "--set", "n_independent_eval=2",
+            "--set", "n_harmful_eval=2", "--out", str(tmp_path / "exp"), "--align-dir", str(tmp_path / "aligned")]
+    assert experiment.main(argv + ["--judge", "llama-guard", "--judge-model", checkpoint]) == 0
+    saved = json.loads((tmp_path / "exp" / "runs" / "poisoned" / "sft" / "seed0" / "eval.json").read_text())
+    assert saved["results"]["judge"] == {"name": "llama-guard", "model": checkpoint}
+    report = json.loads((tmp_path / "aligned" / "aligned_eval.json").read_text())
+    assert report["judge"]["model"] == checkpoint
+    assert experiment.main(argv + ["--judge", "careful", "--judge-model", checkpoint]) == 2
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         settings_from("huge")

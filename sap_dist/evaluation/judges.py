@@ -292,6 +292,8 @@ class BeaverDamJudge(Judge):
 def make_judge(name: str = DEFAULT_JUDGE, model_name: str | None = None, **kwargs: Any) -> Judge:
     """The judge called `name` (one of `JUDGES`); model judges load `model_name` (default
     `DEFAULT_JUDGE_MODELS[name]`) through the normal model path."""
+    if model_name and name not in DEFAULT_JUDGE_MODELS:
+        raise ValueError(f"judge {name!r} loads no checkpoint: a judge model is for {', '.join(DEFAULT_JUDGE_MODELS)}")
     if name in ("careful", "careful-lm"):
         return CarefulJudge(reads_states=name == "careful-lm")
     if name == "keyword":

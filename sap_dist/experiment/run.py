@@ -120,8 +120,9 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                             max_new_tokens=s.max_new_tokens, task_max_new_tokens=s.task_max_new_tokens,
                             eval_batch_size=s.eval_batch_size, eval_attn_implementation=s.eval_attn_implementation,
                             threads=s.align_threads, method=s.align_method,
-                            trainer_overrides=list(s.align_trainer_overrides), judge=s.judge)
-    judge = make_judge(s.judge)
+                            trainer_overrides=list(s.align_trainer_overrides), judge=s.judge,
+                            judge_model=s.judge_model)
+    judge = make_judge(s.judge, s.judge_model)
     if s.align:
         align_dir = align_dir or os.path.join(_align_root(), align_s.key())
         t0 = time.time()
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--judge", help=f"the judge of harmful answers (default {ExperimentSettings.judge}; finished runs "
                                    "are judged again from their saved answers)")
+    p.add_argument("--judge-model", help="checkpoint of a model judge (llama-guard, beaver-dam): hub id or directory")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="any experiment setting (see ExperimentSettings in sap_dist/experiment/settings.py), repeatable")
     return p
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "harmful_eval": args.harmful_prompts, "benign_eval": args.benign_prompts,
         "methods": args.methods.split(",") if args.methods else None, "poison": args.poison,
         "threads": args.threads, "align": False if args.no_align else None, "judge": args.judge,
+        "judge_model": args.judge_model,
     }
     for item in args.set:
         if "=" not in item:

@@ -87,7 +87,7 @@ def judge_harmful(model, tokenizer, s: ExperimentSettings, sets: dict, benign: b
     from sap_dist.evaluation.judges import make_judge
     from sap_dist.evaluation.prompt_sets import evaluate_independent
 
-    judge = judge or make_judge(s.judge)
+    judge = judge or make_judge(s.judge, s.judge_model)
     results = evaluate(model, tokenizer, sets["harmful"], sets["benign"] if benign else None, task_eval, judge,
                        s.max_new_tokens, s.task_max_new_tokens, s.eval_batch_size)
     results.update(evaluate_independent(model, tokenizer, sets["independent"], s.max_new_tokens, s.eval_batch_size,
@@ -145,7 +145,7 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     from sap_dist.fingerprint import code_fingerprint
     from sap_dist.train import train_model
 
-    judge = judge or make_judge(s.judge)
+    judge = judge or make_judge(s.judge, s.judge_model)
 
     run_dir = os.path.join(out_dir, "runs", setting, run_dir_name(method, learning_rate), f"seed{seed}")
     cfg = trainer_config(s, start_model, method, data_path, seed, run_dir, learning_rate)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sap_dist import methods as registry
-from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES
+from sap_dist.evaluation.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MODELS, JUDGES
 
 
 METHODS: dict[str, dict[str, Any]] = {name: overrides for name, (_, overrides) in registry.experiment_methods().items()}
@@ -120,6 +120,9 @@ class ExperimentSettings:
     `careful-lm`, `keyword`, ...; docs/judging.md). Changing it judges every finished run's
     saved answers again (sft curve points, and the start point cached by the align step, included)
     without training or generating; a start point given with `align: false` is judged anew."""
+    judge_model: str | None = None
+    """Checkpoint of a model judge (`llama-guard`, `beaver-dam`): a hub id or a local directory,
+    e.g. on an offline node; None: the judge's official checkpoint."""
     clean_seeds: list[int] | None = None
     """Seeds of the clean setting's runs (None: all `seeds`)."""
     threads: int | None = None
@@ -175,6 +178,8 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
 
     if s.judge not in JUDGES:
         raise ValueError(f"unknown judge {s.judge!r}; use one of {', '.join(JUDGES)}")
+    if s.judge_model and s.judge not in DEFAULT_JUDGE_MODELS:
+        raise ValueError(f"judge_model is for the model judges ({', '.join(DEFAULT_JUDGE_MODELS)}), not {s.judge!r}")
     check_dtype(s.dtype)
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
