@@ -77,8 +77,27 @@ def test_bench_measures_candidates_in_the_same_rotation(tmp_path):
     assert m["top"]["time_ratio"] == pytest.approx(m["top"]["step_time_s"] / m["sft"]["step_time_s"])
 
 
+def test_a_candidate_can_be_another_method_with_its_own_settings(tmp_path):
+    """`method=NAME` and that method's section make a candidate of any registered method (the KL
+    anchor at another weight, say), measured in the same rotation and reported with its settings."""
+    from sap_dist.tools.bench import candidate_config
+
+    cfg = load_config("tiny", [f"train.output_dir={tmp_path}"])
+    kl = candidate_config(cfg, "anchor_kl", "method=anchor anchor.loss=kl anchor.weight=10")
+    assert (kl.method, kl.anchor.loss, kl.anchor.weight) == ("anchor", "kl", 10.0)
+    assert (cfg.method, cfg.anchor.loss) != ("anchor", "kl")  # not changed in place
+    result = run_bench(cfg, repeats=1, warmup=0, candidates={"anchor_kl": kl})
+    row = result["methods"]["anchor_kl"]
+    assert row["settings"]["method"] == "sft+anchor" and row["settings"]["anchor"]["loss"] == "kl"
+    assert result["methods"]["anchor"]["settings"]["anchor"]["loss"] == "mse"
+    assert row["step_time_s"] > 0 and row["time_ratio"] == pytest.approx(row["step_time_s"] / result["methods"]["sft"]["step_time_s"])
+
+
 @pytest.mark.parametrize("candidate, message", [
-    (["top", "train.batch_size=4"], "--candidate top: 'train.batch_size=4' is not a sap.key=value setting"),
+    (["top", "train.batch_size=4"], "--candidate top: 'train.batch_size=4' is neither method=NAME nor a setting of a "
+                                    "method's own section"),
+    (["top", "method=dpo"], "method='dpo': choose a method"),
+    (["top", "method=anchor anchor.prompts=0"], "anchor.prompts must be at least 1"),
     (["top", "sap.safety_every=0"], "sap.safety_every must be at least 1"),
     (["top", "sap.probe_layers=[9]"], "sap.probe_layers [9] out of range"),
     (["sft", "sap.safety_every=2"], "--candidate sft: the name of a method the bench always measures"),

@@ -10,9 +10,10 @@ Every registered method and term (`sap_dist.methods`) is measured, each term alo
 each method.
 Peak memory is measured per block: the process's peak resident set on CPU (reset through
 /proc/self/clear_refs), peak allocated memory on CUDA.
-Candidates (`--candidate NAME 'sap.key=value ...'`) are further SAP settings measured in the same
-rotation, each with its own probe where its layers differ, so a cheaper setting's ratio comes from
-the same run, batches and machine state as plain fine-tuning's.
+Candidates (`--candidate NAME 'key=value ...'`) are further settings measured in the same
+rotation: SAP's own (`sap.safety_every=4`), or another method with its own (`method=anchor
+anchor.loss=kl`), each SAP candidate with its own probe where its layers differ, so a cheaper
+setting's ratio comes from the same run, batches and machine state as plain fine-tuning's.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def methods_for(cfg: Config, candidates: dict[str, Config] | None = None) -> dic
     """The configurations compared, each `cfg` with another `method`: plain fine-tuning, SAP as
     configured (the default), both exact SAP variants (every step, whole batch), every other
     registered method and each term alone and with each method (`sap_dist.methods`), then the
-    `candidates` (SAP settings by name)."""
+    `candidates` (methods with their own settings, by name)."""
     exact = dict(probe_every=1, probe_batch_fraction=1.0, safety_every=1)
     sap = replace(cfg, method="sap")
     out = {
@@ -91,20 +92,28 @@ def block_steps(methods: dict[str, Config]) -> int:
 
 
 def candidate_config(cfg: Config, name: str, overrides: str) -> Config:
-    """Candidate `name`: SAP with `cfg.sap` and `overrides` ('sap.key=value ...', whitespace-
-    separated) on top, validated with the rest of `cfg`. Only `sap.` keys: anything else would
-    change the model, data or batches the candidate is compared on."""
+    """Candidate `name`: a method with its own settings on top of `cfg` ('key=value ...',
+    whitespace-separated): `method=NAME` (any registered method or combination, default `sap`)
+    and keys of the methods' own sections (`sap.`, `lisa.`, `anchor.`, ...), validated with the
+    rest of `cfg`. Nothing else: it would change the model, data or batches the candidate is
+    compared on."""
     items = overrides.split()
     if not items:
         raise ConfigError(f"--candidate {name}: no settings given (e.g. 'sap.safety_every=4')")
+    sections = sorted({section for section, _, _ in registry.sections()})
+    method = "sap"
     for item in items:
-        key = item.split("=", 1)[0]
-        if "=" not in item or not key.startswith("sap."):
-            raise ConfigError(f"--candidate {name}: {item!r} is not a sap.key=value setting (only SAP's own keys "
-                              "can differ between the methods of one bench)")
+        key, _, value = item.partition("=")
+        if key == "method" and value:
+            method = value
+        elif "=" not in item or key.split(".", 1)[0] not in sections or "." not in key:
+            raise ConfigError(f"--candidate {name}: {item!r} is neither method=NAME nor a setting of a method's own "
+                              f"section ({', '.join(s + '.key=value' for s in sections)}); only those can differ "
+                              "between the methods of one bench")
     changed = copy.deepcopy(cfg)  # overrides are set in place: cfg itself stays as it is
-    apply_overrides(changed, items, f"--candidate {name}")
-    changed.method = "sap"
+    apply_overrides(changed, [i for i in items if not i.startswith("method=")], f"--candidate {name}")
+    changed.method = method
+    registry.select(method)  # an unknown method stops here, with the names there are
     validate(changed)
     return changed
 
@@ -327,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="measured blocks per method (default: the preset's)")
     parser.add_argument("--out", default="bench.json", help="where to write the results (JSON)")
     parser.add_argument("--candidate", nargs=2, action="append", default=[], metavar=("NAME", "SETTINGS"),
-                        help="also measure SAP with SETTINGS ('sap.key=value ...') on top of the config, as NAME "
-                             "(repeatable), in the same rotation")
+                        help="also measure SETTINGS on top of the config, as NAME (repeatable), in the same "
+                             "rotation: SAP's own keys ('sap.key=value ...'), or another method with its own "
+                             "('method=anchor anchor.loss=kl')")
     args, overrides = parser.parse_known_args(argv)
     preset = PRESETS[args.preset]
     overrides = preset["overrides"] + [o[2:] if o.startswith("--") else o for o in overrides]
