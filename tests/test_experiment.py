@@ -141,6 +141,43 @@ def test_a_model_judge_reads_the_checkpoint_it_is_given(tmp_path, monkeypatch):
     assert experiment.main(argv + ["--judge", "careful", "--judge-model", checkpoint]) == 2
 
 
+def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monkeypatch):
+    """`variants` names a method with overrides of its own: its runs train with them (after the
+    method's `method_overrides`), sit on the same sft curve, and the table names the overrides."""
+    import yaml
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "exp"
+    argv = ["--preset", "tiny", "--threads", "1", "--methods", "sft,anchor_kl,kl2,sap2", "--set", "clean_methods=[]",
+            "--set", "curve_learning_rates=[]", "--judge", "keyword", "--out", str(out),
+            "--align-dir", str(tmp_path / "aligned"),
+            "--set", "variants={kl2: [anchor_kl, anchor.weight=2], sap2: [sap_paper, sap.rho=0.02]}"]
+    assert experiment.main(argv) == 0
+
+    def config(method):
+        return yaml.safe_load((out / "runs" / "poisoned" / method / "seed0" / "config.yaml").read_text())
+
+    assert (config("kl2")["method"], config("kl2")["anchor"]["loss"], config("kl2")["anchor"]["weight"]) == \
+        ("sft+anchor", "kl", 2.0)
+    assert config("anchor_kl")["anchor"]["weight"] == 3.0
+    # the tiny preset's sap_paper overrides reach its variant, under the variant's own
+    assert config("sap2")["sap"]["rho"] == 0.02 and config("sap2")["sap"]["probe_layers"] == [1, 2]
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["poisoned/kl2"]["label"] == "safety anchor (KL), anchor.weight=2"
+    assert "| safety anchor (KL), anchor.weight=2 (`kl2`) |" in results["table_markdown"]
+    assert results["methods"]["poisoned/kl2"]["harmful_below_sft_curve"] is not None
+
+
+@pytest.mark.parametrize("variants, message", [
+    ({"kl2": ["dpo", "anchor.weight=2"]}, "variants must map new names to a method"),
+    ({"kl2": ["anchor_kl", "anchor.weight"]}, "variants must map new names to a method"),
+    ({"sft": ["anchor_kl", "anchor.weight=2"]}, "variants: 'sft' is already a method"),
+])
+def test_bad_variants_are_refused(variants, message):
+    with pytest.raises(ValueError, match=message):
+        settings_from("quick", variants=variants, methods=["sft"])
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         settings_from("huge")

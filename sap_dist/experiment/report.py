@@ -45,11 +45,13 @@ def _mean_by_key(dicts: list[dict | None]) -> dict[str, float]:
             for k in keys}
 
 
-def aggregate(rows: list[dict]) -> dict[str, dict]:
+def aggregate(rows: list[dict], labels: dict[str, str] | None = None) -> dict[str, dict]:
     """Group run rows by setting/method: per metric mean/sd/min/max/n over seeds, the mean
-    independent score per risk area, the model directories and the rows."""
+    independent score per risk area, the model directories and the rows. `labels`: the table's
+    name of each method (default METHOD_LABELS)."""
     from sap_dist.experiment.settings import METHOD_LABELS
 
+    labels = labels or METHOD_LABELS
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(f"{row['setting']}/{row['method']}", []).append(row)
@@ -57,7 +59,7 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
     for name, runs in groups.items():
         runs = sorted(runs, key=lambda r: r["seed"])
         out[name] = {"setting": runs[0]["setting"], "method": runs[0]["method"],
-                     "label": METHOD_LABELS.get(runs[0]["method"], runs[0]["method"]),
+                     "label": labels.get(runs[0]["method"], runs[0]["method"]),
                      **{m: _stats([r.get(m) for r in runs]) for m in METRICS},
                      **{key: _mean_by_key([r.get(key) for r in runs]) for key in GROUP_SCORES},
                      "model_dir": [r["model_dir"] for r in runs], "runs": runs}

@@ -59,7 +59,7 @@ import torch
 from sap_dist.experiment.data import prepare_data
 from sap_dist.experiment.report import aggregate, compare_with_curve, make_plots, markdown_table, sft_curve
 from sap_dist.experiment.runs import eval_sets, run_one
-from sap_dist.experiment.settings import METHODS, PRESETS, ExperimentSettings, settings_from
+from sap_dist.experiment.settings import METHODS, PRESETS, ExperimentSettings, method_labels, method_of, settings_from
 
 def run_plan(s: ExperimentSettings) -> list[tuple[int, str, str, float | None]]:
     """(seed, setting, method, learning rate or None) of every fine-tuning run, seed by seed (so an
@@ -144,7 +144,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
     rows, curve_rows = [], []
     curve_setting = "poisoned" if s.poison else "clean"
     for seed, setting, method, lr in run_plan(s):
-        kind = "mix" if method == "mix" else "plain"
+        kind = "mix" if method_of(s, method)[0] == "mix" else "plain"
         on_curve = method == "sft" and setting == curve_setting
         curve_steps = [k for k in s.curve_steps if s.steps is None or k < s.steps] if on_curve else None
         row = run_one(run_settings, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval,
@@ -155,7 +155,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
               f"task {row['task_accuracy']}%  over-refusal {row['over_refusal']}%  train {row['train_time_s']} s"
               + ("  (judged again)" if row.get("judged_again") else "  (reused)" if row.get("reused") else ""),
               flush=True)
-    summary = aggregate(rows)
+    summary = aggregate(rows, method_labels(s))
     curve = sft_curve(rows + curve_rows, reference.get("aligned"), curve_setting)
     compare_with_curve(summary, curve)
     table = markdown_table(summary, reference, s, curve, judge.describe())

@@ -30,7 +30,7 @@ def _hash(obj: Any) -> str:
 def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_path: str, seed: int, out: str,
                    learning_rate: float | None = None):
     from sap_dist.config import load_config
-    from sap_dist.experiment.settings import METHODS
+    from sap_dist.experiment.settings import METHODS, method_of
     from sap_dist.hardware import resolve_dtype
 
     base = {
@@ -42,10 +42,12 @@ def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_pa
         "train.epochs": s.epochs, "train.batch_size": s.batch_size,
         "train.learning_rate": learning_rate if learning_rate is not None else s.learning_rate,
         "train.tensorboard": False, "checkpoint.every_steps": 0,
-        **METHODS[method],
+        **METHODS[method_of(s, method)[0]],
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in base.items()]
-    overrides += list(s.trainer_overrides) + list(s.method_overrides.get(method, []))
+    base, own = method_of(s, method)
+    overrides += list(s.trainer_overrides) + list(s.method_overrides.get(base, []))
+    overrides += own + (list(s.method_overrides.get(method, [])) if own else [])
     return load_config(None, overrides)
 
 

@@ -109,6 +109,11 @@ class ExperimentSettings:
     """`section.key=value` strings applied to every fine-tuning run."""
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per-method `section.key=value` strings (applied after `trainer_overrides`)."""
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    """More methods by name: a method above followed by `section.key=value` strings of its own,
+    e.g. {kl10: [anchor_kl, anchor.weight=10]}. Name them in `methods` like any other, so one
+    experiment (with one sft curve) compares settings of a method side by side. A variant also
+    takes its method's `method_overrides`, then its own."""
     # evaluation
     max_new_tokens: int = 32
     task_max_new_tokens: int = 8
@@ -171,9 +176,19 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
             isinstance(v, list) and all(isinstance(k, int) for k in v) for v in s.method_seeds.values()):
         raise ValueError(f"method_seeds must map methods to lists of seeds, e.g. {{\"mix\": [0, 1, 2]}}; "
                          f"got {s.method_seeds!r}")
-    bad = [str(m) for m in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds) if m not in METHODS]
+    if not isinstance(s.variants, dict) or not all(
+            isinstance(v, list) and v and v[0] in METHODS and all(isinstance(o, str) and "=" in o for o in v[1:])
+            for v in s.variants.values()):
+        raise ValueError(f"variants must map new names to a method and its overrides, e.g. "
+                         f"{{kl10: [anchor_kl, anchor.weight=10]}}, with a method from {', '.join(METHODS)}; "
+                         f"got {s.variants!r}")
+    taken = [name for name in s.variants if name in METHODS]
+    if taken:
+        raise ValueError(f"variants: {taken[0]!r} is already a method; give the variant another name")
+    bad = [str(m) for m in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds)
+           if m not in METHODS and m not in s.variants]
     if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)} or a name of `variants`")
     from sap_dist.hardware import check_dtype
 
     if s.judge not in JUDGES:
@@ -188,6 +203,20 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in s.curve_learning_rates):
         raise ValueError(f"curve_learning_rates must be positive numbers, got {s.curve_learning_rates}")
     return s
+
+
+def method_of(s: ExperimentSettings, name: str) -> tuple[str, list[str]]:
+    """The method of METHODS that run name `name` trains with, and the overrides of its own (a
+    variant's; none for a method)."""
+    if name in s.variants:
+        return s.variants[name][0], list(s.variants[name][1:])
+    return name, []
+
+
+def method_labels(s: ExperimentSettings) -> dict[str, str]:
+    """How the table names each method and variant."""
+    return METHOD_LABELS | {name: f"{METHOD_LABELS[method]}, {' '.join(own)}"
+                            for name, (method, own) in ((n, method_of(s, n)) for n in s.variants)}
 
 
 def setting_label(s: ExperimentSettings, setting: str, short: bool = False) -> str:
