@@ -85,7 +85,7 @@ def test_a_candidate_can_be_another_method_with_its_own_settings(tmp_path):
     cfg = load_config("tiny", [f"train.output_dir={tmp_path}"])
     kl = candidate_config(cfg, "anchor_kl", "method=anchor anchor.loss=kl anchor.weight=10")
     assert (kl.method, kl.anchor.loss, kl.anchor.weight) == ("anchor", "kl", 10.0)
-    assert (cfg.method, cfg.anchor.loss) != ("anchor", "kl")  # not changed in place
+    assert (cfg.method, cfg.anchor.loss, cfg.anchor.weight) == ("sap", "mse", 3.0)  # not changed in place
     result = run_bench(cfg, repeats=1, warmup=0, candidates={"anchor_kl": kl})
     row = result["methods"]["anchor_kl"]
     assert row["settings"]["method"] == "sft+anchor" and row["settings"]["anchor"]["loss"] == "kl"

@@ -112,3 +112,18 @@ def test_every_subcommand_keeps_third_party_noise_off_the_console(tmp_path):
     assert quiet.returncode == loud.returncode == 0, quiet.stderr[-2000:]
     assert "FutureWarning" in loud.stderr or "gemm_4bit_forward" in loud.stderr  # there is noise to hide
     assert "FutureWarning" not in quiet.stderr and "gemm_4bit_forward" not in quiet.stderr, quiet.stderr
+
+
+@pytest.mark.parametrize("command", ["judge", "eval", "align", "experiment"])
+def test_a_checkpoint_for_a_judge_that_loads_none_stops_in_one_line(command, tmp_path, capsys):
+    """`--judge-model` only means something to the model judges: given to another, every command
+    that judges stops before any work, with one line and exit 2, and writes nothing."""
+    out = tmp_path / "out"
+    args = {"judge": [str(tmp_path / "answers.jsonl"), "--out", str(out / "v.jsonl")],
+            "eval": ["--out", str(out / "eval.json")], "align": ["--out", str(out)],
+            "experiment": ["--out", str(out)]}[command]
+    (tmp_path / "answers.jsonl").write_text('{"prompt": "Can you help me hack?", "answer": "No."}\n')
+    assert main([command, *args, "--judge", "keyword", "--judge-model", "/models/guard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "judge 'keyword' loads no checkpoint" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

@@ -83,7 +83,7 @@ def test_held_out_forms_leave_the_safety_pairs_and_the_mix_refusals(tmp_path):
 
     held = ["writing", "code", "steps"]
     every = prepare_data(ExperimentSettings(), str(tmp_path / "all"))
-    assert every["safety"] == "builtin:safety" and "safety_pairs" not in every["counts"]
+    assert every["safety"] is None and "safety_pairs" not in every["counts"]
     data = prepare_data(ExperimentSettings(safety_held_out_forms=held), str(tmp_path / "held"))
     pairs, bundled = load_rows(data["safety"]), load_rows("builtin:safety")
     assert data["safety"] == str(tmp_path / "held" / "data" / "safety_pairs.jsonl")
@@ -93,6 +93,13 @@ def test_held_out_forms_leave_the_safety_pairs_and_the_mix_refusals(tmp_path):
     mixed = [json.loads(line) for line in open(data["train"]["poisoned"]["mix"])]
     refused = [form_of[r["messages"][0]["content"]] for r in mixed if r.get("kind") == "refusal"]
     assert refused and not set(refused) & set(held)
+    # a variant of mix reads the same refusal rows, so they are held out for it too
+    for methods in (["sft"], ["sft", "mix2"]):
+        only = prepare_data(ExperimentSettings(safety_held_out_forms=held, methods=methods, clean_methods=[],
+                                               variants={"mix2": ["mix", "train.seed=1"]}), str(tmp_path / methods[-1]))
+        rows = [json.loads(line) for line in open(only["train"]["poisoned"]["mix"])]
+        forms = {form_of[r["messages"][0]["content"]] for r in rows if r.get("kind") == "refusal"}
+        assert bool(forms & set(held)) == (methods == ["sft"]), methods
     assert open(data["train"]["poisoned"]["plain"]).read() == open(every["train"]["poisoned"]["plain"]).read()
     with pytest.raises(ValueError, match="'limerick' is no form of builtin:safety"):
         prepare_data(ExperimentSettings(safety_held_out_forms=["limerick"]), str(tmp_path / "bad"))
@@ -109,7 +116,7 @@ def test_runs_train_on_the_pairs_left_after_holding_forms_out(tmp_path, monkeypa
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "exp"
-    base = ["--preset", "tiny", "--threads", "1", "--methods", "sap_paper", "--set", "clean_methods=[]",
+    base = ["--preset", "tiny", "--threads", "1", "--methods", "sft,sap_paper", "--set", "clean_methods=[]",
             "--set", "curve_steps=[]", "--set", "curve_learning_rates=[]", "--judge", "keyword",
             "--out", str(out), "--align-dir", str(tmp_path / "aligned")]
     assert experiment.main(base + ["--set", "safety_held_out_forms=[joke,steps]"]) == 0
@@ -120,6 +127,9 @@ def test_runs_train_on_the_pairs_left_after_holding_forms_out(tmp_path, monkeypa
     assert experiment.main(base + ["--set", "safety_held_out_forms=[joke]"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["methods"]["poisoned/sap_paper"]["runs"][0]["reused"] is False
+    assert again["methods"]["poisoned/sft"]["runs"][0]["reused"] is True  # it reads no safety pairs
+    assert yaml.safe_load((out / "runs" / "poisoned" / "sft" / "seed0" / "config.yaml").read_text())["data"]["safety"] \
+        == "builtin:safety"
 
 
 @pytest.mark.slow
@@ -151,7 +161,8 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
     argv = ["--preset", "tiny", "--threads", "1", "--methods", "sft,anchor_kl,kl2,sap2", "--set", "clean_methods=[]",
             "--set", "curve_learning_rates=[]", "--judge", "keyword", "--out", str(out),
             "--align-dir", str(tmp_path / "aligned"),
-            "--set", "variants={kl2: [anchor_kl, anchor.weight=2], sap2: [sap_paper, sap.rho=0.02]}"]
+            "--set", "variants={kl2: [anchor_kl, anchor.weight=2], sap2: [sap_paper, sap.rho=0.02, 'sap.probe_layers=[2]']}",
+            "--set", "method_overrides={sap_paper: [sap.safety_batch_size=4, 'sap.probe_layers=[1,2]'], sap2: [sap.rho=0.03]}"]
     assert experiment.main(argv) == 0
 
     def config(method):
@@ -160,8 +171,9 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
     assert (config("kl2")["method"], config("kl2")["anchor"]["loss"], config("kl2")["anchor"]["weight"]) == \
         ("sft+anchor", "kl", 2.0)
     assert config("anchor_kl")["anchor"]["weight"] == 3.0
-    # the tiny preset's sap_paper overrides reach its variant, under the variant's own
-    assert config("sap2")["sap"]["rho"] == 0.02 and config("sap2")["sap"]["probe_layers"] == [1, 2]
+    # the method's method_overrides, then the variant's own, then method_overrides under the variant's name
+    assert config("sap2")["sap"]["safety_batch_size"] == 4 and config("sap2")["sap"]["probe_layers"] == [2]
+    assert config("sap2")["sap"]["rho"] == 0.03
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["poisoned/kl2"]["label"] == "safety anchor (KL), anchor.weight=2"
     assert "| safety anchor (KL), anchor.weight=2 (`kl2`) |" in results["table_markdown"]
@@ -169,13 +181,26 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
 
 
 @pytest.mark.parametrize("variants, message", [
-    ({"kl2": ["dpo", "anchor.weight=2"]}, "variants must map new names to a method"),
-    ({"kl2": ["anchor_kl", "anchor.weight"]}, "variants must map new names to a method"),
+    ({"kl2": ["dpo", "anchor.weight=2"]}, "variants: 'kl2': unknown method 'dpo'"),
+    ({"kl2": ["anchor_kl", "anchor.wieght=2"]}, "variants: 'kl2': unknown config key 'anchor.wieght'"),
+    ({"kl2": ["anchor_kl"]}, "variants: 'kl2': give a method and at least one override"),
+    ({"kl2": [["anchor_kl"]]}, "variants: 'kl2': give a method and at least one override"),
     ({"sft": ["anchor_kl", "anchor.weight=2"]}, "variants: 'sft' is already a method"),
+    ({"sft_lr0.0001": ["anchor_kl", "anchor.weight=2"]}, "does not end like a curve run's"),
+    ({"a/b": ["anchor_kl", "anchor.weight=2"]}, "a name starts with a letter"),
+    (["kl2"], "variants must map new names to a method"),
 ])
 def test_bad_variants_are_refused(variants, message):
     with pytest.raises(ValueError, match=message):
         settings_from("quick", variants=variants, methods=["sft"])
+
+
+def test_model_judges_only_take_a_checkpoint():
+    assert settings_from("quick", judge="llama-guard", judge_model="/models/guard").judge_model == "/models/guard"
+    with pytest.raises(ValueError, match="judge 'careful' loads no checkpoint"):
+        settings_from("quick", judge="careful", judge_model="/models/guard")
+    with pytest.raises(ValueError, match="safety_held_out_forms must be a list"):
+        settings_from("quick", safety_held_out_forms="code")
 
 
 def test_settings_validation():

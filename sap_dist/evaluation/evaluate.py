@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from sap_dist.data import BUILTIN_DIR, DataError
+from sap_dist.errors import ConfigError
 
 BUILTIN_PROMPTS = {
     "builtin:harmful_eval": "harmful_eval.jsonl",
@@ -385,7 +386,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def base_of_run(adapter: str) -> str:
     """The model a trainer output directory was trained from (its config.yaml's model.name_or_path)."""
-    from sap_dist.config import ConfigError, load_config
+    from sap_dist.config import load_config
 
     path = os.path.join(adapter, "config.yaml")
     if not os.path.isfile(path):
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model = base_of_run(args.adapter) if args.adapter else DEFAULT_MODEL
         judge = make_judge(args.judge, args.judge_model)  # first: a judge that cannot load stops before the model
         model, tokenizer = load_for_eval(args.model, args.adapter, args.dtype)
-    except (DataError, ModelLoadError, EmbeddedModelError) as exc:
+    except (ConfigError, DataError, ModelLoadError, EmbeddedModelError) as exc:
         print(f"sap-dist eval: error: {exc}", file=sys.stderr)
         return 2
     results = evaluate(model, tokenizer, harmful, benign, task, judge, args.max_new_tokens,

@@ -289,11 +289,19 @@ class BeaverDamJudge(Judge):
         return verdicts
 
 
+def check_judge_model(name: str, model_name: str | None) -> None:
+    """A checkpoint is only for the model judges: given to another, it would be silently ignored."""
+    from sap_dist.errors import ConfigError
+
+    if model_name and name not in DEFAULT_JUDGE_MODELS:
+        raise ConfigError(f"judge {name!r} loads no checkpoint: a judge model is for "
+                          f"{', '.join(DEFAULT_JUDGE_MODELS)}")
+
+
 def make_judge(name: str = DEFAULT_JUDGE, model_name: str | None = None, **kwargs: Any) -> Judge:
     """The judge called `name` (one of `JUDGES`); model judges load `model_name` (default
     `DEFAULT_JUDGE_MODELS[name]`) through the normal model path."""
-    if model_name and name not in DEFAULT_JUDGE_MODELS:
-        raise ValueError(f"judge {name!r} loads no checkpoint: a judge model is for {', '.join(DEFAULT_JUDGE_MODELS)}")
+    check_judge_model(name, model_name)
     if name in ("careful", "careful-lm"):
         return CarefulJudge(reads_states=name == "careful-lm")
     if name == "keyword":

@@ -26,6 +26,7 @@ import sys
 import tempfile
 
 from sap_dist.data import DataError, read_jsonl
+from sap_dist.errors import ConfigError
 from sap_dist.run_control.run_files import follow_umask
 
 EVAL_SETS = ("harmful", "independent")
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out.endswith(".jsonl"):
                 raise DataError(f"--out {args.out}: the verdicts are written as JSON lines; name a .jsonl file")
         judge = make_judge(args.judge, args.judge_model)
-    except (DataError, EmbeddedModelError) as exc:
+    except (ConfigError, DataError, EmbeddedModelError) as exc:
         print(f"sap-dist judge: error: {exc}", file=sys.stderr)
         return 2
     if args.agreement:

@@ -26,8 +26,10 @@ def _as_messages(messages: list[dict], response: str, **extra: Any) -> dict:
 def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
     """Write the fine-tuning sets and the held-out task split into out_dir/data; returns
     {"train": {setting: {method_kind: path}}, "task_eval": rows, "counts": {...}, "safety": the
-    runs' safety source (a file there when `safety_held_out_forms` takes forms out)}."""
+    file of the safety pairs `safety_held_out_forms` leaves (None when it holds none out)}."""
     from sap_dist.align import harmful_refusal_rows
+    from sap_dist.config import load_config
+    from sap_dist.experiment.settings import method_of
     from sap_dist.data import load_rows, load_task_examples
     from sap_dist.evaluation.evaluate import load_prompts, load_task_rows
 
@@ -76,11 +78,12 @@ def prepare_data(s: ExperimentSettings, out_dir: str) -> dict[str, Any]:
 
     poison_rows = poison_rows_of(n_poison)
     refusal_pool = harmful_refusal_rows(s.mix_source, None, seed=1)
-    if "mix" in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds):
+    if any(method_of(s, m)[0] == "mix" for m in s.methods + s.clean_methods + s.persistent_methods):
         refusal_pool = without_forms(refusal_pool, s.safety_held_out_forms, s.mix_source)
-    safety, n_safety = s.safety, None
+    safety, n_safety = None, None
     if s.safety_held_out_forms:
-        pairs = without_forms(load_rows(s.safety), s.safety_held_out_forms, s.safety, check_names=True)
+        split = load_config(None, list(s.trainer_overrides)).data.safety_split
+        pairs = without_forms(load_rows(s.safety, split), s.safety_held_out_forms, s.safety, check_names=True)
         safety, n_safety = _write_jsonl(os.path.join(data_dir, "safety_pairs.jsonl"), pairs), len(pairs)
     rng = random.Random(1234)
     train: dict[str, dict[str, str]] = {}

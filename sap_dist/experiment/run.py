@@ -18,8 +18,9 @@ task as well as plain fine-tuning? Side by side, several seeds, judged the same 
    on every step), `sap_fast` (the defaults with the probe on a quarter of the batch),
    `sap_reference` (SAP, the reference code's
    variant), `lisa` (the Lisa baseline), `mix` (plain fine-tuning with a fraction `mix_fraction`
-   of refusal examples mixed into the data, as SafeInstr does), and any other method registered
-   in METHODS.
+   of refusal examples mixed into the data, as SafeInstr does), any other method registered
+   in METHODS, and `variants` (a method with overrides of its own under a new name, so settings
+   of one method run side by side against one sft curve).
 4. Each run is judged (`sap_dist.evaluation.evaluate.evaluate`) on held-out harmful prompts (harmful score),
    benign prompts (over-refusal), the held-out task (accuracy), and an independent harmful set
    written by others (`independent_eval`, DoNotAnswer's test half by default:
@@ -140,15 +141,14 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
                                                if not isinstance(v, list)}}
         del model
     sets = eval_sets(s)
-    run_settings = dataclasses.replace(s, safety=data["safety"])
     rows, curve_rows = [], []
     curve_setting = "poisoned" if s.poison else "clean"
     for seed, setting, method, lr in run_plan(s):
         kind = "mix" if method_of(s, method)[0] == "mix" else "plain"
         on_curve = method == "sft" and setting == curve_setting
         curve_steps = [k for k in s.curve_steps if s.steps is None or k < s.steps] if on_curve else None
-        row = run_one(run_settings, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval,
-                      out_dir, lr, curve_steps, judge)
+        row = run_one(s, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval, out_dir,
+                      lr, curve_steps, judge, data["safety"])
         (rows if lr is None else curve_rows).append(row)
         print(f"[{setting} {method}{'' if lr is None else f' lr {lr:g}'} seed {seed}] harmful {row['harmful_score']}% "
               f"({row.get('harmful_score_independent')}% on {row.get('n_independent')} independent)  "
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety", help="SAP's safety pairs (any data.safety source)")
     p.add_argument("--harmful-prompts", help="held-out harmful prompt file")
     p.add_argument("--benign-prompts", help="benign prompt file (over-refusal)")
-    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} and the names of `variants`")
     p.add_argument("--poison", type=float, help="poisoned fraction p (0: clean setting only)")
     p.add_argument("--no-align", action="store_true", help="fine-tune --model as it is (already aligned)")
     p.add_argument("--align-dir", help="where the aligned model is cached (default $SAP_DIST_CACHE/aligned/<hash>)")

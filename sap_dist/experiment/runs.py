@@ -28,10 +28,15 @@ def _hash(obj: Any) -> str:
 
 
 def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_path: str, seed: int, out: str,
-                   learning_rate: float | None = None):
+                   learning_rate: float | None = None, safety: str | None = None):
+    """The trainer's config of one run; `safety`: the pairs left by `safety_held_out_forms` (a
+    file of prepare_data's), read by the methods that read safety pairs at all."""
+    from sap_dist import methods as registry
     from sap_dist.config import load_config
     from sap_dist.experiment.settings import METHODS, method_of
     from sap_dist.hardware import resolve_dtype
+
+    name, own = method_of(s, method)
 
     base = {
         "model.name_or_path": start_model, "model.dtype": resolve_dtype(s.dtype)[0], "model.attn_implementation": s.attn_implementation,
@@ -42,13 +47,16 @@ def trainer_config(s: ExperimentSettings, start_model: str, method: str, data_pa
         "train.epochs": s.epochs, "train.batch_size": s.batch_size,
         "train.learning_rate": learning_rate if learning_rate is not None else s.learning_rate,
         "train.tensorboard": False, "checkpoint.every_steps": 0,
-        **METHODS[method_of(s, method)[0]],
+        **METHODS[name],
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in base.items()]
-    base, own = method_of(s, method)
-    overrides += list(s.trainer_overrides) + list(s.method_overrides.get(base, []))
-    overrides += own + (list(s.method_overrides.get(method, [])) if own else [])
-    return load_config(None, overrides)
+    overrides += list(s.trainer_overrides) + list(s.method_overrides.get(name, []))
+    if method != name:  # a variant: its own overrides, then any method_overrides given under its name
+        overrides += own + list(s.method_overrides.get(method, []))
+    cfg = load_config(None, overrides)
+    if safety and registry.select(cfg.method).reads_safety_data:
+        cfg = load_config(None, overrides + [f"data.safety={json.dumps(safety)}"])
+    return cfg
 
 
 def eval_sets(s: ExperimentSettings) -> dict[str, list[dict]]:
@@ -127,20 +135,35 @@ def judged_again(saved: dict, judge) -> dict | None:
     return {**saved, "row": row, "results": results, "curve_answers": list(curve_answers.values())}
 
 
+def _safety_identity(s: ExperimentSettings, cfg) -> dict | None:
+    """What makes the safety pairs a run reads: the forms held out (the file they leave keeps its
+    path) and a local file's bytes. None for a run that reads no pairs, which is then reused
+    whatever the pairs are."""
+    from sap_dist import methods as registry
+
+    if not registry.select(cfg.method).reads_safety_data:
+        return None
+    sha = None
+    if os.path.isfile(cfg.data.safety):
+        with open(cfg.data.safety, "rb") as fh:
+            sha = hashlib.sha256(fh.read()).hexdigest()
+    return {"held_out_forms": sorted(s.safety_held_out_forms), "file_sha256": sha}
+
+
 def run_dir_name(method: str, learning_rate: float | None) -> str:
     return method if learning_rate is None else f"{method}_lr{learning_rate:g}"
 
 
 def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, seed: int, data_path: str,
             sets: dict, task_eval: list[dict], out_dir: str, learning_rate: float | None = None,
-            curve_steps: list[int] | None = None, judge=None) -> dict:
+            curve_steps: list[int] | None = None, judge=None, safety: str | None = None) -> dict:
     """Fine-tune one (setting, method, seed), evaluate it with `judge` (default: `s.judge`'s),
     write its eval.json; reuse a finished run with the same configuration (judging its saved
     answers again when another judge made its verdicts). `curve_steps`: also judge the model
     after these steps (harmful on both sets and task accuracy, as `curve` in the row, with the end
-    point last; their answers are kept in eval.json's `curve_answers`)."""
+    point last; their answers are kept in eval.json's `curve_answers`). `safety`: as in
+    `trainer_config`."""
     from sap_dist.config import to_dict
-    from sap_dist.data import load_rows
     from sap_dist.evaluation.judges import make_judge
     from sap_dist.evaluation.prompt_sets import INDEPENDENT_KEYS
     from sap_dist.evaluation.rejudge import write_json_atomic
@@ -150,15 +173,15 @@ def run_one(s: ExperimentSettings, start_model: str, setting: str, method: str, 
     judge = judge or make_judge(s.judge, s.judge_model)
 
     run_dir = os.path.join(out_dir, "runs", setting, run_dir_name(method, learning_rate), f"seed{seed}")
-    cfg = trainer_config(s, start_model, method, data_path, seed, run_dir, learning_rate)
+    cfg = trainer_config(s, start_model, method, data_path, seed, run_dir, learning_rate, safety)
     with open(data_path, "rb") as fh:
         data_sha = hashlib.sha256(fh.read()).hexdigest()
     eval_conf = {k: getattr(s, k) for k in ("harmful_eval", "n_harmful_eval", "benign_eval", "n_benign_eval",
                                             "independent_eval", "n_independent_eval", "max_new_tokens",
                                             "task_max_new_tokens", "eval_attn_implementation")}
     code = code_fingerprint()  # a finished run is reused only by the code that made it
-    safety_sha = _hash(load_rows(s.safety))  # the same path may hold other pairs (other held-out forms)
-    key = _hash({"cfg": to_dict(cfg), "data": data_sha, "safety": safety_sha, "eval": eval_conf, "task_eval": task_eval,
+    key = _hash({"cfg": to_dict(cfg), "data": data_sha, "safety": _safety_identity(s, cfg), "eval": eval_conf,
+                 "task_eval": task_eval,
                  "curve_steps": sorted(set(curve_steps or [])), "code": code})
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(eval_path):

@@ -5,11 +5,13 @@ without importing the experiment that imports them."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from sap_dist import methods as registry
-from sap_dist.evaluation.judges import DEFAULT_JUDGE, DEFAULT_JUDGE_MODELS, JUDGES
+from sap_dist.evaluation.judges import DEFAULT_JUDGE, JUDGES, check_judge_model
 
 
 METHODS: dict[str, dict[str, Any]] = {name: overrides for name, (_, overrides) in registry.experiment_methods().items()}
@@ -58,7 +60,8 @@ class ExperimentSettings:
     """SAP's contrastive pairs (any data.safety source)."""
     safety_held_out_forms: list[str] = field(default_factory=list)
     """Request forms (the rows' `form` field) taken out of the fine-tuning's safety data: the
-    safety pairs (SAP's harmful direction, the anchors) and `mix`'s refusal rows. The per-form
+    safety pairs (SAP's harmful direction, the anchors, Lisa's alignment steps) and `mix`'s
+    refusal rows; runs that read no safety pairs are unaffected (and reused). The per-form
     table then sets the bundled prompts of these forms apart, to show whether a defence holds on
     requests unlike its data. Empty: every form. The alignment keeps every form."""
     harmful_eval: str = "builtin:harmful_eval"
@@ -111,9 +114,10 @@ class ExperimentSettings:
     """Per-method `section.key=value` strings (applied after `trainer_overrides`)."""
     variants: dict[str, list[str]] = field(default_factory=dict)
     """More methods by name: a method above followed by `section.key=value` strings of its own,
-    e.g. {kl10: [anchor_kl, anchor.weight=10]}. Name them in `methods` like any other, so one
-    experiment (with one sft curve) compares settings of a method side by side. A variant also
-    takes its method's `method_overrides`, then its own."""
+    e.g. {kl10: [anchor_kl, anchor.weight=10]} (quote an override with brackets in it:
+    'sap.probe_layers=[2]'). Name them in `methods` like any other, so one
+    experiment (with one sft curve) compares settings of a method side by side. A variant takes
+    its method's `method_overrides`, then its own, then any `method_overrides` under its name."""
     # evaluation
     max_new_tokens: int = 32
     task_max_new_tokens: int = 8
@@ -176,15 +180,10 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
             isinstance(v, list) and all(isinstance(k, int) for k in v) for v in s.method_seeds.values()):
         raise ValueError(f"method_seeds must map methods to lists of seeds, e.g. {{\"mix\": [0, 1, 2]}}; "
                          f"got {s.method_seeds!r}")
-    if not isinstance(s.variants, dict) or not all(
-            isinstance(v, list) and v and v[0] in METHODS and all(isinstance(o, str) and "=" in o for o in v[1:])
-            for v in s.variants.values()):
-        raise ValueError(f"variants must map new names to a method and its overrides, e.g. "
-                         f"{{kl10: [anchor_kl, anchor.weight=10]}}, with a method from {', '.join(METHODS)}; "
-                         f"got {s.variants!r}")
-    taken = [name for name in s.variants if name in METHODS]
-    if taken:
-        raise ValueError(f"variants: {taken[0]!r} is already a method; give the variant another name")
+    _check_variants(s.variants)
+    if not isinstance(s.safety_held_out_forms, list) or not all(isinstance(f, str) for f in s.safety_held_out_forms):
+        raise ValueError(f"safety_held_out_forms must be a list of form names, e.g. [writing, code]; "
+                         f"got {s.safety_held_out_forms!r}")
     bad = [str(m) for m in s.methods + s.clean_methods + s.persistent_methods + list(s.method_seeds)
            if m not in METHODS and m not in s.variants]
     if bad:
@@ -193,8 +192,7 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
 
     if s.judge not in JUDGES:
         raise ValueError(f"unknown judge {s.judge!r}; use one of {', '.join(JUDGES)}")
-    if s.judge_model and s.judge not in DEFAULT_JUDGE_MODELS:
-        raise ValueError(f"judge_model is for the model judges ({', '.join(DEFAULT_JUDGE_MODELS)}), not {s.judge!r}")
+    check_judge_model(s.judge, s.judge_model)
     check_dtype(s.dtype)
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
@@ -203,6 +201,32 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in s.curve_learning_rates):
         raise ValueError(f"curve_learning_rates must be positive numbers, got {s.curve_learning_rates}")
     return s
+
+
+def _check_variants(variants: Any) -> None:
+    """Each variant: a run-folder-safe new name, a method of METHODS and at least one override the
+    trainer accepts, checked now rather than when its first run starts after the alignment."""
+    from sap_dist.config import ConfigError, load_config
+
+    if not isinstance(variants, dict):
+        raise ValueError(f"variants must map new names to a method and its overrides, e.g. "
+                         f"{{kl10: [anchor_kl, anchor.weight=10]}}; got {variants!r}")
+    for name, spec in variants.items():
+        where = f"variants: {name!r}"
+        if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name)
+                or re.search(r"_lr[0-9.e-]+$", name)):
+            raise ValueError(f"{where}: a name starts with a letter and holds letters, digits, '_', '.', '-' "
+                             "(and does not end like a curve run's _lr<rate>)")
+        if name in METHODS:
+            raise ValueError(f"{where} is already a method; give the variant another name")
+        if not isinstance(spec, list) or len(spec) < 2 or not all(isinstance(x, str) for x in spec):
+            raise ValueError(f"{where}: give a method and at least one override, e.g. [anchor_kl, anchor.weight=10]")
+        if spec[0] not in METHODS:
+            raise ValueError(f"{where}: unknown method {spec[0]!r}; use one of {', '.join(METHODS)}")
+        try:
+            load_config(None, [f"{k}={json.dumps(v)}" for k, v in METHODS[spec[0]].items()] + spec[1:])
+        except ConfigError as exc:
+            raise ValueError(f"{where}: {exc}") from None
 
 
 def method_of(s: ExperimentSettings, name: str) -> tuple[str, list[str]]:
