@@ -12,7 +12,7 @@ import pytest
 
 from sap_dist import experiment
 from sap_dist.experiment import ExperimentSettings, aggregate, markdown_table, prepare_data, run_plan, settings_from
-from sap_dist.experiment.report import compare_with_curve, interpolate, sft_curve
+from sap_dist.experiment.report import COLORS, SPARE_COLORS, compare_with_curve, interpolate, method_colors, sft_curve
 from helpers import judged_results
 
 
@@ -321,6 +321,19 @@ def test_judging_part_way_leaves_training_exact(tmp_path):
     after_judging, without = weights(judged.model), weights(plain.model)
     assert all(torch.equal(after_judging[k], without[k]) for k in without)
     assert any(not torch.equal(after_judging[k], seen["weights"][k]) for k in without)
+
+
+def test_every_method_and_variant_gets_a_color_of_its_own():
+    from sap_dist.experiment.settings import METHODS
+
+    names = list(METHODS) + ["kl10", "kl3"]
+    colors = method_colors(names)
+    assert set(colors) == set(names)
+    others = len([n for n in names if n not in COLORS])
+    assert others <= len(SPARE_COLORS), "more methods than spare colors: add colors"
+    assert len(set(colors.values())) == len(names)  # distinct: variants are told apart in the plot
+    assert colors["sft"] == COLORS["sft"] and method_colors(["kl10"])["kl10"] == SPARE_COLORS[0]
+    assert method_colors(n for n in names) == colors  # the plots pass a generator
 
 
 def test_aggregate_and_table():

@@ -20,6 +20,9 @@ HARMFUL = ("harmful_score", "harmful_score_independent")
 COLORS = {"sft": "tab:red", "mix": "tab:orange", "sap_paper": "tab:blue", "sap_reference": "tab:green",
           "lisa": "tab:purple", "sap_fast": "tab:cyan",
           "sap_every_step": "tab:brown"}
+"""Fixed colors of the methods most plots show, so figures of different experiments read alike."""
+SPARE_COLORS = ("tab:olive", "tab:pink", "gold", "navy", "teal", "darkgreen", "maroon", "lime", "indigo", "sienna")
+"""Colors for the other methods and variants, handed out in the order of their names."""
 ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference", "anchor", "sap_anchor",
          "lisa_anchor"]
 """The order of the table's rows (a method not named comes last)."""
@@ -253,6 +256,14 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def method_colors(methods) -> dict[str, str]:
+    """A color per method or variant name: COLORS' own, then SPARE_COLORS in name order (cycled
+    past their number), so that no two of up to len(SPARE_COLORS) other methods share one."""
+    names = set(methods)
+    others = sorted(names - set(COLORS))
+    return {m: COLORS.get(m) or SPARE_COLORS[others.index(m) % len(SPARE_COLORS)] for m in names}
+
+
 def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], reference: dict, curve: dict | None,
                    s: ExperimentSettings) -> None:
     from sap_dist.experiment.settings import setting_label
@@ -268,10 +279,11 @@ def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], refere
             ax.plot([p["task_accuracy"] for p in line], [p[metric] for p in line], "--", color=COLORS["sft"],
                     alpha=0.5 if lr != s.learning_rate else 0.9, marker=".",
                     label=f"sft curve, lr {lr:g} (steps {', '.join(str(p['step']) for p in line)})")
+    colors = method_colors(g["method"] for g in summary.values())
     for g in summary.values():
         if not g.get(metric) or not g["task_accuracy"]:
             continue
-        c = COLORS.get(g["method"], "gray")
+        c = colors[g["method"]]
         marker = {"poisoned": "o", "persistent": "^"}.get(g["setting"], "s")
         runs = [r for r in g["runs"] if r.get(metric) is not None and r.get("task_accuracy") is not None]
         ax.scatter([r["task_accuracy"] for r in runs], [r[metric] for r in runs], color=c, alpha=0.3, marker=marker, s=18)
@@ -316,6 +328,7 @@ def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_
 
     # training curves: task loss (all methods) and SAP's safety loss, mean over seeds
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = method_colors(g["method"] for g in summary.values())
     for key, g in sorted(summary.items()):
         curves_task, curves_safe = [], []
         for r in g["runs"]:
@@ -334,7 +347,7 @@ def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_
             n = min(len(c) for c in curves)
             steps = [c[0] for c in curves[0][:n]]
             mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(steps, _moving_average(mean, 5), style, color=COLORS.get(g["method"], "gray"),
+            ax.plot(steps, _moving_average(mean, 5), style, color=colors[g["method"]],
                     label=f"{g['label']} ({data})")
     axes[0].set_title("task loss (response tokens), mean over seeds, moving average 5", fontsize=9)
     axes[1].set_title("SAP safety loss NLL(refusal) - NLL(compliance) on the safety batch", fontsize=9)
