@@ -170,7 +170,7 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
 
     assert (config("kl2")["method"], config("kl2")["anchor"]["loss"], config("kl2")["anchor"]["weight"]) == \
         ("sft+anchor", "kl", 2.0)
-    assert config("anchor_kl")["anchor"]["weight"] == 3.0
+    assert config("anchor_kl")["anchor"]["weight"] == 10.0  # the experiment's KL anchor: the weight validation chose
     # the method's method_overrides, then the variant's own, then method_overrides under the variant's name
     assert config("sap2")["sap"]["safety_batch_size"] == 4 and config("sap2")["sap"]["probe_layers"] == [2]
     assert config("sap2")["sap"]["rho"] == 0.03

@@ -23,8 +23,8 @@ COLORS = {"sft": "tab:red", "mix": "tab:orange", "sap_paper": "tab:blue", "sap_r
 """Fixed colors of the methods most plots show, so figures of different experiments read alike."""
 SPARE_COLORS = ("tab:olive", "tab:pink", "gold", "navy", "teal", "darkgreen", "maroon", "lime", "indigo", "sienna")
 """Colors for the other methods and variants, handed out in the order of their names."""
-ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference", "anchor", "sap_anchor",
-         "lisa_anchor"]
+ORDER = ["sft", "mix", "lisa", "sap_every_step", "sap_paper", "sap_fast", "sap_reference", "anchor", "anchor_kl",
+         "sap_anchor", "lisa_anchor"]
 """The order of the table's rows (a method not named comes last)."""
 
 

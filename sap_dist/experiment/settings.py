@@ -114,7 +114,7 @@ class ExperimentSettings:
     """Per-method `section.key=value` strings (applied after `trainer_overrides`)."""
     variants: dict[str, list[str]] = field(default_factory=dict)
     """More methods by name: a method above followed by `section.key=value` strings of its own,
-    e.g. {kl10: [anchor_kl, anchor.weight=10]} (quote an override with brackets in it:
+    e.g. {kl3: [anchor_kl, anchor.weight=3]} (quote an override with brackets in it:
     'sap.probe_layers=[2]'). Name them in `methods` like any other, so one
     experiment (with one sft curve) compares settings of a method side by side. A variant takes
     its method's `method_overrides`, then its own, then any `method_overrides` under its name."""
@@ -151,13 +151,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  method_overrides={m: ["sap.safety_batch_size=4", "sap.probe_layers=[1,2]"]
                                    for m in ("sap_paper", "sap_reference", "sap_every_step", "sap_fast")},
                  trainer_overrides=["data.safety_max_length=64"]),
-    # the README's table: 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts.
+    # the README's table: 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts;
+    # the KL anchor as the recommended configuration beside plain fine-tuning, SAP and Lisa.
     # 2 CPU cores, with the aligned model cached: about 13 minutes in bf16 with AMX, about 45 in
     # fp32 with AVX2 only (docs/experiment.md); a curve point costs a full judging
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],
-                  methods=["sft", "sap_paper", "lisa", "mix"],
+                  methods=["sft", "sap_paper", "lisa", "anchor_kl"],
                   curve_steps=[16], trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
     # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
@@ -210,7 +211,7 @@ def _check_variants(variants: Any) -> None:
 
     if not isinstance(variants, dict):
         raise ValueError(f"variants must map new names to a method and its overrides, e.g. "
-                         f"{{kl10: [anchor_kl, anchor.weight=10]}}; got {variants!r}")
+                         f"{{kl3: [anchor_kl, anchor.weight=3]}}; got {variants!r}")
     for name, spec in variants.items():
         where = f"variants: {name!r}"
         if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", name)
@@ -220,7 +221,7 @@ def _check_variants(variants: Any) -> None:
         if name in METHODS:
             raise ValueError(f"{where} is already a method; give the variant another name")
         if not isinstance(spec, list) or len(spec) < 2 or not all(isinstance(x, str) for x in spec):
-            raise ValueError(f"{where}: give a method and at least one override, e.g. [anchor_kl, anchor.weight=10]")
+            raise ValueError(f"{where}: give a method and at least one override, e.g. [anchor_kl, anchor.weight=3]")
         if spec[0] not in METHODS:
             raise ValueError(f"{where}: unknown method {spec[0]!r}; use one of {', '.join(METHODS)}")
         try:

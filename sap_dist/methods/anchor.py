@@ -172,7 +172,8 @@ TERM = Term(
     needs_safety_pairs=True,
     experiment={
         "anchor": ("safety anchor", {"method": "anchor"}),
-        "anchor_kl": ("safety anchor (KL)", {"method": "anchor", "anchor.loss": "kl"}),
+        # lambda = 10: chosen over 5 seeds on DoNotAnswer's validation half (docs/experiment.md)
+        "anchor_kl": ("safety anchor (KL)", {"method": "anchor", "anchor.loss": "kl", "anchor.weight": 10.0}),
         "sap_anchor": ("SAP + safety anchor", {"method": "sap+anchor", "sap.variant": "paper"}),
         "lisa_anchor": ("Lisa + safety anchor", {"method": "lisa+anchor"}),
     },
