@@ -264,42 +264,48 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
     mcfg = ModelConfig(name_or_path=s.model, dtype=s.dtype, attn_implementation=s.attn_implementation)
     tokenizer = load_tokenizer(mcfg)
     base = load_base(mcfg, seed=s.seed).eval()
-    base_eval = None
-    if s.evaluate_base:
-        if s.eval_attn_implementation:
-            base.set_attn_implementation(s.eval_attn_implementation)
-        base_eval = evaluate_model(base, tokenizer, s, judge)
-        if s.eval_attn_implementation:  # the targets are generated as training computes
-            base.set_attn_implementation(s.attn_implementation or "sdpa")
-    if base_eval is not None:
-        with open(os.path.join(out_dir, "base_eval.json"), "w") as fh:
-            json.dump(base_eval, fh, indent=2)
-    t0 = time.time()
-    data_path, counts = build_align_data(base, tokenizer, s, out_dir)
-    targets_time = time.time() - t0
-    del base
+    base_eval, beside = None, None
+    if s.evaluate_base and _spare_cores(s):
+        # the alignment's fixed thread count leaves cores idle: the base model is judged there, with
+        # the same thread count, so its verdicts are those it gets one step after another
+        beside = _judge_base_beside(s, out_dir, judge)
+    elif s.evaluate_base:
+        base_eval = _evaluate_base(s, out_dir, judge, base, tokenizer)
+    try:
+        t0 = time.time()
+        data_path, counts = build_align_data(base, tokenizer, s, out_dir)
+        targets_time = time.time() - t0
+        del base
 
-    overrides = {
-        "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
-        "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
-        "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
-        "data.task": data_path, "data.max_length": s.max_length,
-        "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
-        "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
-        "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,
-        "checkpoint.every_steps": 0,
-    }
-    _set_all(cfg, overrides)
-    result = train_model(cfg)
-    merged = result.model.merge_and_unload()
-    merged.config.use_cache = True
-    if s.eval_attn_implementation:
-        merged.set_attn_implementation(s.eval_attn_implementation)
-    merged.save_pretrained(model_dir)
-    result.tokenizer.save_pretrained(model_dir)
-    aligned_eval = evaluate_model(merged, tokenizer, s, judge)
-    with open(os.path.join(out_dir, "aligned_eval.json"), "w") as fh:
-        json.dump(aligned_eval, fh, indent=2)
+        overrides = {
+            "model.name_or_path": s.model, "model.dtype": s.dtype, "model.attn_implementation": s.attn_implementation,
+            "weights.method": "lora", "weights.lora_r": s.lora_r, "weights.lora_alpha": s.lora_alpha,
+            "weights.lora_dropout": s.lora_dropout, "weights.target_modules": s.target_modules,
+            "data.task": data_path, "data.max_length": s.max_length,
+            "train.output_dir": os.path.join(out_dir, "adapter"), "train.overwrite": True, "train.seed": s.seed,
+            "train.epochs": s.epochs, "train.max_steps": s.max_steps, "train.batch_size": s.batch_size,
+            "train.learning_rate": s.learning_rate, "train.tensorboard": False, "train.progress_bar": s.progress,
+            "checkpoint.every_steps": 0,
+        }
+        _set_all(cfg, overrides)
+        result = train_model(cfg)
+        merged = result.model.merge_and_unload()
+        merged.config.use_cache = True
+        if s.eval_attn_implementation:
+            merged.set_attn_implementation(s.eval_attn_implementation)
+        merged.save_pretrained(model_dir)
+        result.tokenizer.save_pretrained(model_dir)
+        aligned_eval = evaluate_model(merged, tokenizer, s, judge)
+        with open(os.path.join(out_dir, "aligned_eval.json"), "w") as fh:
+            json.dump(aligned_eval, fh, indent=2)
+    except BaseException:
+        if beside is not None:  # no base figures without an aligned model: stop waiting for them
+            beside[0].shutdown(wait=False, cancel_futures=True)
+        raise
+    if beside is not None:
+        pool, future = beside
+        with pool:
+            base_eval = future.result()
     report = {
         "key": key,
         "eval_key": eval_key,
@@ -316,6 +322,43 @@ def _align(s: AlignSettings, out_dir: str, reuse: bool, judge) -> dict:
     }
     write_json_atomic(report_path, report)
     return report
+
+
+def _spare_cores(s: AlignSettings) -> bool:
+    """Whether the alignment leaves CPU cores idle (a fixed thread count below the usable cores)."""
+    from sap_dist.hardware import usable_cores
+
+    return not torch.cuda.is_available() and s.threads is not None and usable_cores() > s.threads
+
+
+def _evaluate_base(s: AlignSettings, out_dir: str, judge, base=None, tokenizer=None) -> dict:
+    """Judge the base model as `s` says and write out_dir/base_eval.json (its own copy of the model
+    and `s.threads` threads when called in a process of its own)."""
+    from sap_dist.config import ModelConfig
+    from sap_dist.models import load_base, load_tokenizer
+
+    if base is None:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        mcfg = ModelConfig(name_or_path=s.model, dtype=s.dtype, attn_implementation=s.attn_implementation)
+        base, tokenizer = load_base(mcfg, seed=s.seed).eval(), load_tokenizer(mcfg)
+    if s.eval_attn_implementation:
+        base.set_attn_implementation(s.eval_attn_implementation)
+    base_eval = evaluate_model(base, tokenizer, s, judge)
+    if s.eval_attn_implementation:  # the alignment targets are generated as training computes
+        base.set_attn_implementation(s.attn_implementation or "sdpa")
+    with open(os.path.join(out_dir, "base_eval.json"), "w") as fh:
+        json.dump(base_eval, fh, indent=2)
+    return base_eval
+
+
+def _judge_base_beside(s: AlignSettings, out_dir: str, judge):
+    """Start judging the base model in a process of its own; (pool, future of its evaluation)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return pool, pool.submit(_evaluate_base, dataclasses.replace(s, progress=False), out_dir, judge)
 
 
 def _report_settings(s: AlignSettings) -> dict:

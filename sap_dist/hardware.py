@@ -1,5 +1,5 @@
 """Which compute dtype this machine runs fast: bf16 on a GPU and on CPUs with bf16 instructions,
-fp32 on other CPUs.
+fp32 on other CPUs; and how many CPU cores this process may use.
 
 A CPU without AVX512-BF16 or AMX has no bf16 matrix instructions: torch then converts every
 element, and a bf16 matrix product of the embedded model's shapes (256x576 by 576x1536, one
@@ -15,6 +15,15 @@ import time
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of CPUs with bf16 matrix instructions."""
 DTYPE_CHOICES = ("auto", "bf16", "fp32")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which a container or Slurm narrows),
+    not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:

@@ -180,6 +180,48 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
     assert results["methods"]["poisoned/kl2"]["harmful_below_sft_curve"] is not None
 
 
+def test_runs_side_by_side_give_what_runs_one_after_another_give(tmp_path, monkeypatch):
+    """`jobs`: the runs go to worker processes (real ones, spawned), and each comes back to its
+    own place: every run's figures, its order in results.json and the sft curve equal those of the
+    same experiment run one at a time (1 torch thread everywhere, so the arithmetic is the same)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base = ["--preset", "tiny", "--threads", "1", "--methods", "sft,sap_paper,lisa", "--seeds", "0,1",
+            "--set", "clean_methods=[]", "--set", "curve_learning_rates=[]", "--judge", "keyword",
+            "--align-dir", str(tmp_path / "aligned")]
+    assert experiment.main(base + ["--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert experiment.main(base + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert (one["machine"]["jobs"], two["machine"]["jobs"], two["machine"]["threads_per_job"]) == (1, 2, 1)
+
+    from sap_dist.metrics import read_metrics
+
+    def figures(results):  # every judged figure, and the task loss of every step
+        return {k: [{m: r.get(m) for m in ("seed", "harmful_score", "harmful_score_independent", "task_accuracy",
+                                           "over_refusal", "curve")}
+                    | {"losses": [row.get("task_loss") for row in read_metrics(os.path.dirname(r["metrics"]))]}
+                    for r in g["runs"]]
+                for k, g in results["methods"].items()}
+
+    assert figures(two) == figures(one)
+    assert [r["seed"] for r in two["methods"]["poisoned/sft"]["runs"]] == [0, 1]
+    assert two["sft_curve"] == one["sft_curve"]
+    assert two["table_markdown"].split("| train time")[0] == one["table_markdown"].split("| train time")[0]
+    # a second time, every run is reused from the workers' eval.json
+    assert experiment.main(base + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    again = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert all(r["reused"] for g in again["methods"].values() for r in g["runs"])
+
+
+def test_a_stopped_run_is_reported_from_a_worker_process():
+    """A worker's Preempted comes back to the experiment through pickling, with its checkpoint."""
+    import pickle
+
+    from sap_dist.run_control.stop import Preempted
+
+    back = pickle.loads(pickle.dumps(Preempted("stopped at step 3", "/ck/step3")))
+    assert isinstance(back, Preempted) and (str(back), back.checkpoint) == ("stopped at step 3", "/ck/step3")
+
+
 @pytest.mark.parametrize("variants, message", [
     ({"kl2": ["dpo", "anchor.weight=2"]}, "variants: 'kl2': unknown method 'dpo'"),
     ({"kl2": ["anchor_kl", "anchor.wieght=2"]}, "variants: 'kl2': unknown config key 'anchor.wieght'"),
@@ -217,6 +259,8 @@ def test_settings_validation():
         settings_from("quick", method_seeds=[0, 1])
     with pytest.raises(ValueError, match="curve_steps"):
         settings_from("quick", curve_steps=[0, 6])
+    with pytest.raises(ValueError, match="jobs must be a whole number"):
+        settings_from("quick", jobs=0)
     with pytest.raises(ValueError, match="curve_learning_rates"):
         settings_from("quick", curve_learning_rates=[-1e-4])
 
@@ -597,3 +641,25 @@ def test_align_with_booster_and_a_bad_override(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "booster.lamb must be 0 or positive" in err[0]
     assert not bad.exists()
+
+
+@pytest.mark.skipif(__import__("sap_dist.hardware", fromlist=["usable_cores"]).usable_cores() < 2,
+                    reason="judging the base model beside the alignment needs a spare core")
+def test_the_base_model_judged_beside_the_alignment_gets_the_same_verdicts(tmp_path, monkeypatch):
+    """With a core to spare, the base model is judged in a process of its own while the model
+    aligns: the same answers, verdicts and report as judged in turn, and the same aligned model."""
+    from sap_dist import align
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    s = align.AlignSettings(model="tiny-random-llama", dtype="fp32", n_harmful=8, n_benign=4, max_steps=2,
+                            batch_size=4, n_harmful_eval=3, n_benign_eval=2, independent_eval="builtin:donotanswer_val",
+                            n_independent_eval=4,
+                            max_new_tokens=4, judge="keyword", progress=False)
+    assert align._spare_cores(s)
+    beside = align.align(s, str(tmp_path / "beside"))
+    monkeypatch.setattr(align, "_spare_cores", lambda s: False)
+    in_turn = align.align(s, str(tmp_path / "in_turn"))
+    assert beside["base"] == in_turn["base"] and beside["base"]["n_prompts"] == 3
+    assert beside["aligned"] == in_turn["aligned"]
+    for name in ("base_eval.json", "aligned_eval.json", "model/model.safetensors"):
+        assert (tmp_path / "beside" / name).read_bytes() == (tmp_path / "in_turn" / name).read_bytes(), name

@@ -265,7 +265,7 @@ def method_colors(methods) -> dict[str, str]:
 
 
 def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], reference: dict, curve: dict | None,
-                   s: ExperimentSettings) -> None:
+                   s: ExperimentSettings, colors: dict[str, str]) -> None:
     from sap_dist.experiment.settings import setting_label
 
     if curve:  # plain fine-tuning part way: faint single seeds, the mean per learning rate as a line
@@ -279,7 +279,6 @@ def _harmful_panel(ax, metric: str, title: str, summary: dict[str, dict], refere
             ax.plot([p["task_accuracy"] for p in line], [p[metric] for p in line], "--", color=COLORS["sft"],
                     alpha=0.5 if lr != s.learning_rate else 0.9, marker=".",
                     label=f"sft curve, lr {lr:g} (steps {', '.join(str(p['step']) for p in line)})")
-    colors = method_colors(g["method"] for g in summary.values())
     for g in summary.values():
         if not g.get(metric) or not g["task_accuracy"]:
             continue
@@ -316,9 +315,10 @@ def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_
     panels = [("harmful_score", "bundled held-out harmful prompts")]
     if s.independent_eval:
         panels.append(("harmful_score_independent", independent_label(s)))
+    colors = method_colors(g["method"] for g in summary.values())  # one method, one color, in every plot
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 5.2), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
-        _harmful_panel(ax, metric, title, summary, reference, curve, s)
+        _harmful_panel(ax, metric, title, summary, reference, curve, s, colors)
     fig.suptitle("Harmfulness vs utility (mean ± sd over seeds; faint: single seeds)", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "harmful_vs_accuracy.png")
@@ -328,7 +328,6 @@ def make_plots(summary: dict[str, dict], reference: dict[str, dict | None], out_
 
     # training curves: task loss (all methods) and SAP's safety loss, mean over seeds
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = method_colors(g["method"] for g in summary.values())
     for key, g in sorted(summary.items()):
         curves_task, curves_safe = [], []
         for r in g["runs"]:

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from sap_dist.experiment.data import prepare_data
+from sap_dist.experiment.parallel import run_at_a_time, threads_per_job
 from sap_dist.experiment.report import aggregate, compare_with_curve, make_plots, markdown_table, sft_curve
 from sap_dist.experiment.runs import eval_sets, run_one
 from sap_dist.experiment.settings import METHODS, PRESETS, ExperimentSettings, method_labels, method_of, settings_from
@@ -86,6 +87,15 @@ def run_plan(s: ExperimentSettings) -> list[tuple[int, str, str, float | None]]:
 # The experiment
 
 
+def _print_run(planned: tuple[int, str, str, float | None], row: dict) -> None:
+    seed, setting, method, lr = planned
+    print(f"[{setting} {method}{'' if lr is None else f' lr {lr:g}'} seed {seed}] harmful {row['harmful_score']}% "
+          f"({row.get('harmful_score_independent')}% on {row.get('n_independent')} independent)  "
+          f"task {row['task_accuracy']}%  over-refusal {row['over_refusal']}%  train {row['train_time_s']} s"
+          + ("  (judged again)" if row.get("judged_again") else "  (reused)" if row.get("reused") else ""),
+          flush=True)
+
+
 def _align_root() -> str:
     from sap_dist.embedded import cache_root
 
@@ -99,6 +109,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
     from sap_dist.evaluation.judges import make_judge
     from sap_dist.hardware import resolve_dtype
     from sap_dist.models import load_base, load_tokenizer
+    from sap_dist.run_control.stop import Preempted
 
     started = time.time()
     load_start = os.getloadavg()
@@ -143,18 +154,36 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
     sets = eval_sets(s)
     rows, curve_rows = [], []
     curve_setting = "poisoned" if s.poison else "clean"
-    for seed, setting, method, lr in run_plan(s):
+    plan = run_plan(s)
+    calls = []
+    for seed, setting, method, lr in plan:
         kind = "mix" if method_of(s, method)[0] == "mix" else "plain"
         on_curve = method == "sft" and setting == curve_setting
         curve_steps = [k for k in s.curve_steps if s.steps is None or k < s.steps] if on_curve else None
-        row = run_one(s, start_model, setting, method, seed, data["train"][setting][kind], sets, task_eval, out_dir,
-                      lr, curve_steps, judge, data["safety"])
-        (rows if lr is None else curve_rows).append(row)
-        print(f"[{setting} {method}{'' if lr is None else f' lr {lr:g}'} seed {seed}] harmful {row['harmful_score']}% "
-              f"({row.get('harmful_score_independent')}% on {row.get('n_independent')} independent)  "
-              f"task {row['task_accuracy']}%  over-refusal {row['over_refusal']}%  train {row['train_time_s']} s"
-              + ("  (judged again)" if row.get("judged_again") else "  (reused)" if row.get("reused") else ""),
-              flush=True)
+        calls.append(dict(s=s, start_model=start_model, setting=setting, method=method, seed=seed,
+                          data_path=data["train"][setting][kind], sets=sets, task_eval=task_eval, out_dir=out_dir,
+                          learning_rate=lr, curve_steps=curve_steps, safety=data["safety"]))
+    jobs = min(s.jobs, len(calls))
+    if jobs > 1 and torch.cuda.is_available():
+        print(f"jobs: 1, not {s.jobs} (the runs share the GPU one at a time)")
+        jobs = 1
+    finished: dict[int, dict] = {}
+    if jobs > 1:
+        threads = threads_per_job(jobs, s.threads)
+        print(f"runs: {jobs} at a time, {threads} torch thread(s) each")
+        try:
+            # each worker makes its own judge from `s` (a model judge's weights would not pickle)
+            for index, row in run_at_a_time(run_one, calls, jobs, threads):
+                finished[index] = row
+                _print_run(plan[index], row)
+        except KeyboardInterrupt:
+            raise Preempted("stopped by Ctrl-C", None) from None
+    else:
+        for index, call in enumerate(calls):
+            finished[index] = run_one(**call, judge=judge)
+            _print_run(plan[index], finished[index])
+    for index, (_, _, _, lr) in enumerate(plan):  # plan order, whatever order the runs finished in
+        (rows if lr is None else curve_rows).append(finished[index])
     summary = aggregate(rows, method_labels(s))
     curve = sft_curve(rows + curve_rows, reference.get("aligned"), curve_setting)
     compare_with_curve(summary, curve)
@@ -166,7 +195,8 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
         "data": data["counts"], "reference": reference, "methods": summary, "sft_curve": curve,
         "sft_curve_runs": curve_rows, "table_markdown": table,
         "plots": plots, "wall_time_s": round(time.time() - started, 1),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jobs": jobs,
+                    "threads_per_job": threads_per_job(jobs, s.threads) if jobs > 1 else torch.get_num_threads(),
                     "load_average_start": [round(x, 2) for x in load_start],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
                     "device": "cuda" if torch.cuda.is_available() else "cpu"},
@@ -204,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poison", type=float, help="poisoned fraction p (0: clean setting only)")
     p.add_argument("--no-align", action="store_true", help="fine-tune --model as it is (already aligned)")
     p.add_argument("--align-dir", help="where the aligned model is cached (default $SAP_DIST_CACHE/aligned/<hash>)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (of each run, with --jobs)")
+    p.add_argument("--jobs", type=int, help="fine-tuning runs at a time on the CPU, each in its own process "
+                                            "(default: the preset's)")
     p.add_argument("--judge", help=f"the judge of harmful answers (default {ExperimentSettings.judge}; finished runs "
                                    "are judged again from their saved answers)")
     p.add_argument("--judge-model", help="checkpoint of a model judge (llama-guard, beaver-dam): hub id or directory")
@@ -233,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "task": args.task, "task_eval": args.task_eval, "safety": args.safety,
         "harmful_eval": args.harmful_prompts, "benign_eval": args.benign_prompts,
         "methods": args.methods.split(",") if args.methods else None, "poison": args.poison,
-        "threads": args.threads, "align": False if args.no_align else None, "judge": args.judge,
+        "threads": args.threads, "jobs": args.jobs, "align": False if args.no_align else None, "judge": args.judge,
         "judge_model": args.judge_model,
     }
     for item in args.set:

@@ -135,8 +135,12 @@ class ExperimentSettings:
     clean_seeds: list[int] | None = None
     """Seeds of the clean setting's runs (None: all `seeds`)."""
     threads: int | None = None
-    """torch CPU threads of the fine-tuning runs and their judging (None: torch's default); the
-    alignment uses `align_threads`."""
+    """torch CPU threads of the fine-tuning runs and their judging (None: torch's default, or with
+    `jobs` above 1 the usable cores shared out among the runs); the alignment uses `align_threads`."""
+    jobs: int = 1
+    """Fine-tuning runs at a time on the CPU, each in a process of its own (on a GPU: one at a time).
+    A small model's run keeps two cores only partly busy, so the quick preset runs two side by side
+    with one thread each (docs/experiment.md, "Time")."""
     tag: str = ""
     """Free label stored with the results (e.g. the sweep setting)."""
 
@@ -158,7 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],
-                  methods=["sft", "sap_paper", "lisa", "anchor_kl"],
+                  methods=["sft", "sap_paper", "lisa", "anchor_kl"], jobs=2,
                   curve_steps=[16], trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
     # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
@@ -197,6 +201,8 @@ def settings_from(preset: str, **changes: Any) -> ExperimentSettings:
     check_dtype(s.dtype)
     if not 0 <= s.poison < 1 or not 0 <= s.mix_fraction < 1 or not 0 < s.persistent_poison < 1:
         raise ValueError("poison and mix_fraction must be in [0, 1), persistent_poison in (0, 1)")
+    if not isinstance(s.jobs, int) or isinstance(s.jobs, bool) or s.jobs < 1:
+        raise ValueError(f"jobs must be a whole number of at least 1; got {s.jobs!r}")
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in s.curve_steps):
         raise ValueError(f"curve_steps must be positive step numbers, got {s.curve_steps}")
     if any(not isinstance(lr, (int, float)) or lr <= 0 for lr in s.curve_learning_rates):

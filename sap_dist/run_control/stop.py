@@ -42,6 +42,9 @@ class Preempted(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
 
+    def __reduce__(self):  # raised in an experiment's worker process, it is pickled back to the parent
+        return Preempted, (str(self), self.checkpoint)
+
 
 REQUEUE_MARKER = ".requeue"
 """File in train.output_dir that a run stopped on a stop signal writes (rank 0, atomically)
