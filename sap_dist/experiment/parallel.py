@@ -1,7 +1,8 @@
 """Several fine-tuning runs at a time on the CPU (`ExperimentSettings.jobs`), each in a process
-of its own. A small model's run keeps one or two cores only partly busy (small matrices, Python
-between them), so two runs side by side finish sooner than the same runs one after another with
-twice the threads."""
+of its own: for machines with more cores than one small model's run keeps busy. Whether it pays
+depends on how a run scales over the cores, so measure: on 2 cores with AVX512-BF16 a run's 2
+threads scale almost fully, and two 1-thread runs side by side were slower (docs/experiment.md,
+"Time")."""
 
 from __future__ import annotations
 

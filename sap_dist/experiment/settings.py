@@ -138,9 +138,11 @@ class ExperimentSettings:
     """torch CPU threads of the fine-tuning runs and their judging (None: torch's default, or with
     `jobs` above 1 the usable cores shared out among the runs); the alignment uses `align_threads`."""
     jobs: int = 1
-    """Fine-tuning runs at a time on the CPU, each in a process of its own (on a GPU: one at a time).
-    A small model's run keeps two cores only partly busy, so the quick preset runs two side by side
-    with one thread each (docs/experiment.md, "Time")."""
+    """Fine-tuning runs at a time on the CPU, each in a process of its own with `threads` torch
+    threads or its share of the cores (on a GPU: one at a time). For machines with more cores than
+    one small model's run keeps busy. It pays only where a run scales badly over the cores: on 2
+    cores with AVX512-BF16, two 1-thread runs side by side were slower than 2-thread runs in turn,
+    and a run's figures depend on its thread count (docs/experiment.md, "Time")."""
     tag: str = ""
     """Free label stored with the results (e.g. the sweep setting)."""
 
@@ -157,12 +159,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  trainer_overrides=["data.safety_max_length=64"]),
     # the README's table: 3 seeds, sft judged part way at step 16, all 412 DoNotAnswer test prompts;
     # the KL anchor as the recommended configuration beside plain fine-tuning, SAP and Lisa.
-    # 2 CPU cores, with the aligned model cached: about 13 minutes in bf16 with AMX, about 45 in
-    # fp32 with AVX2 only (docs/experiment.md); a curve point costs a full judging
+    # 2 CPU cores, from nothing: 39 minutes in bf16 with AVX512-BF16, 81 in fp32 with AVX2 only
+    # (docs/experiment.md, "Time"); a curve point costs a full judging
     "quick": dict(attn_implementation="eager", eval_attn_implementation="sdpa", align_epochs=2.0, steps=24,
                   batch_size=8, learning_rate=3e-4, lora_dropout=0.0, n_harmful_eval=100, n_benign_eval=50,
                   max_new_tokens=16, task_max_new_tokens=6, eval_batch_size=100, clean_methods=[], clean_seeds=[0],
-                  methods=["sft", "sap_paper", "lisa", "anchor_kl"], jobs=2,
+                  methods=["sft", "sap_paper", "lisa", "anchor_kl"],
                   curve_steps=[16], trainer_overrides=["data.safety_max_length=96"]),
     # the full bundled evaluation sets and DoNotAnswer test half, longer fine-tuning (2 epochs: 111
     # steps on the bundled task), sft also at a lower learning rate; on a GPU, pass --model/--task
