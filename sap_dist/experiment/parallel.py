@@ -1,8 +1,8 @@
 """Several fine-tuning runs at a time on the CPU (`ExperimentSettings.jobs`), each in a process
 of its own: for machines with more cores than one small model's run keeps busy. Whether it pays
 depends on how a run scales over the cores, so measure: on 2 cores with AVX512-BF16 a run's 2
-threads scale almost fully, and two 1-thread runs side by side were slower (docs/experiment.md,
-"Time")."""
+threads scale almost fully (it trained 1.84x as long with 1 thread beside another run), which
+leaves little for two runs side by side to gain (docs/experiment.md, "Time")."""
 
 from __future__ import annotations
 

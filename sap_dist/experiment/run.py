@@ -2,7 +2,8 @@
 task as well as plain fine-tuning? Side by side, several seeds, judged the same way.
 
     sap-dist experiment --preset quick|full|tiny --out DIR [--seeds 0,1,2] [--model M] [--task SRC]
-                        [--safety SRC] [--methods sft,sap_paper,...] [--set name=value ...]
+                        [--safety SRC] [--methods sft,sap_paper,...] [--threads N] [--jobs N]
+                        [--set name=value ...]
                         [section.key=value ...]
 
 1. Start point: `sap-dist align` makes the model refuse (cached under `--align-dir`, default

@@ -140,9 +140,9 @@ class ExperimentSettings:
     jobs: int = 1
     """Fine-tuning runs at a time on the CPU, each in a process of its own with `threads` torch
     threads or its share of the cores (on a GPU: one at a time). For machines with more cores than
-    one small model's run keeps busy. It pays only where a run scales badly over the cores: on 2
-    cores with AVX512-BF16, two 1-thread runs side by side were slower than 2-thread runs in turn,
-    and a run's figures depend on its thread count (docs/experiment.md, "Time")."""
+    one small model's run keeps busy. A run's figures depend on its thread count, and on 2 cores
+    with AVX512-BF16 a run trained 1.84x as long with 1 thread beside another as with 2 alone, so
+    the quick preset keeps 1 (docs/experiment.md, "Time")."""
     tag: str = ""
     """Free label stored with the results (e.g. the sweep setting)."""
 
