@@ -212,6 +212,43 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(tmp_path, monke
     assert all(r["reused"] for g in again["methods"].values() for r in g["runs"])
 
 
+def test_ctrl_c_stops_runs_side_by_side_at_a_step_boundary(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while two runs train in worker processes:
+    each stops at its next step boundary with a checkpoint, no new run starts, and the experiment
+    exits with EXIT_REQUEUE and its one line, without a traceback."""
+    import signal
+    import subprocess
+    import time
+
+    from sap_dist.run_control.stop import EXIT_REQUEUE
+
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "sap_dist.experiment.run", "--preset", "tiny", "--out", str(out),
+           "--align-dir", str(tmp_path / "aligned"), "--threads", "1", "--jobs", "2", "--methods", "sft,sap_paper",
+           "--seeds", "0,1", "--set", "clean_methods=[]", "--set", "curve_learning_rates=[]", "--judge", "keyword",
+           "--set", "steps=2000"]
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        training = [out / "runs" / "poisoned" / m / "seed0" / "metrics.jsonl" for m in ("sft", "sap_paper")]
+        deadline = time.time() + 300
+        while not all(p.exists() and p.stat().st_size for p in training) and time.time() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            rc = proc.wait(300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    text = log_path.read_text()
+    assert rc == EXIT_REQUEUE, text[-3000:]
+    assert text.count("Ctrl-C: stopping after this step") == 2 and "Traceback" not in text
+    assert "sap-dist experiment: stopped; run the same command again" in text
+    assert not (out / "runs" / "poisoned" / "sft" / "seed1").exists()  # no new run started
+
+
 def test_a_stopped_run_is_reported_from_a_worker_process():
     """A worker's Preempted comes back to the experiment through pickling, with its checkpoint."""
     import pickle
