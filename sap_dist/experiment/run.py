@@ -173,7 +173,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
         threads = threads_per_job(jobs, s.threads)
         print(f"runs: {jobs} at a time, {threads} torch thread(s) each")
         try:
-            # each worker makes its own judge from `s` (a model judge's weights would not pickle)
+            # each worker makes its own judge from `s`, once (a model judge loads its model in each)
             for index, row in run_at_a_time(run_one, calls, jobs, threads):
                 finished[index] = row
                 _print_run(plan[index], row)
