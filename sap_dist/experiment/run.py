@@ -168,9 +168,9 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
     if jobs > 1 and torch.cuda.is_available():
         print(f"jobs: 1, not {s.jobs} (the runs share the GPU one at a time)")
         jobs = 1
+    threads = threads_per_job(jobs, s.threads) if jobs > 1 else torch.get_num_threads()
     finished: dict[int, dict] = {}
     if jobs > 1:
-        threads = threads_per_job(jobs, s.threads)
         print(f"runs: {jobs} at a time, {threads} torch thread(s) each")
         try:
             # each worker makes its own judge from `s`, once (a model judge loads its model in each)
@@ -197,7 +197,7 @@ def run_experiment(s: ExperimentSettings, out_dir: str, align_dir: str | None = 
         "sft_curve_runs": curve_rows, "table_markdown": table,
         "plots": plots, "wall_time_s": round(time.time() - started, 1),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jobs": jobs,
-                    "threads_per_job": threads_per_job(jobs, s.threads) if jobs > 1 else torch.get_num_threads(),
+                    "threads_per_job": threads,
                     "load_average_start": [round(x, 2) for x in load_start],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
                     "device": "cuda" if torch.cuda.is_available() else "cpu"},
