@@ -181,6 +181,21 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
     assert results["methods"]["poisoned/kl2"]["harmful_below_sft_curve"] is not None
 
 
+def untimed_table(markdown: str) -> str:
+    """The experiment's table text without its train-time column (clock readings, not figures)."""
+    lines, drop = [], None
+    for line in markdown.splitlines():
+        cells = line.split("|")
+        if "train time (s)" in line:
+            drop = [c.strip() for c in cells].index("train time (s)")
+        elif not line.startswith("|"):
+            drop = None
+        if drop is not None and line.startswith("|"):
+            del cells[drop]
+        lines.append("|".join(cells))
+    return "\n".join(lines)
+
+
 def test_runs_side_by_side_give_what_runs_one_after_another_give(tmp_path, monkeypatch):
     """`jobs`: the runs go to worker processes (real ones, spawned), and each comes back to its
     own place: every run's figures, its order in results.json and the sft curve equal those of the
@@ -211,7 +226,7 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(tmp_path, monke
     assert [r["seed"] for r in two["methods"]["poisoned/sft"]["runs"]] == [0, 1]
     assert untimed(two["sft_curve"]["points"]) == untimed(one["sft_curve"]["points"])
     assert two["sft_curve"]["mean"] == one["sft_curve"]["mean"]
-    assert two["table_markdown"].split("| train time")[0] == one["table_markdown"].split("| train time")[0]
+    assert untimed_table(two["table_markdown"]) == untimed_table(one["table_markdown"])
     # a second time, every run is reused from the workers' eval.json
     assert experiment.main(base + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     again = json.loads((tmp_path / "two" / "results.json").read_text())
