@@ -1,7 +1,7 @@
 """`sap-dist judge`: judge saved answers again, without generating them again.
 
     sap-dist judge ANSWERS --out VERDICTS.jsonl [--judge careful|careful-lm|keyword|llama-guard|beaver-dam]
-    sap-dist judge --agreement [--judge NAME] [--split test]
+    sap-dist judge --agreement [--judge NAME] [--split test] [--labels LABELS.jsonl]
 
 ANSWERS is a `.jsonl` file whose lines hold `prompt` and `answer`, or an `eval.json` / results
 file written by `sap-dist eval` or `sap-dist experiment` (its stored answers to harmful prompts:
@@ -12,7 +12,11 @@ independent). The harmful share (and the degenerate share) is printed per set.
 
 `--agreement` prints the judge's agreement with the project's labelled answers
 (`sap_dist/bundled/judge_labels.jsonl`, docs/judging.md) on one split, in all and per labelling
-round (`by_round`).
+round (`by_round`). With `--labels`, it is measured on labelled answers of your own instead
+(lines holding `prompt`, `answer` and `label`: harmful / safe / degenerate), all of them unless
+`--split` picks the rows whose `split` field names it; `prompts_seen_in_fitting` counts the rows
+whose prompt the judge's fitting or tuning could read (the project's train and val labels), whose
+agreement is then not held out.
 
 Bad input gets one line naming the file and line, exit code 2, and nothing is written.
 """
@@ -144,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", help="checkpoint of a model judge (hub id or directory)")
     p.add_argument("--agreement", action="store_true",
                    help="print the judge's agreement with the project's labelled answers instead")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="with --agreement")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="with --agreement: the labelled rows of this split (default: test for the project's "
+                        "labels, every row of a --labels file)")
+    p.add_argument("--labels", help="with --agreement: a .jsonl file of labelled answers of your own "
+                                    "(prompt, answer, label) instead of the project's")
     return p
 
 
@@ -156,11 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.agreement and (args.answers is None or args.out is None):
         parser.error("give ANSWERS and --out (or --agreement)")
+    if args.labels and not args.agreement:
+        parser.error("--labels goes with --agreement")
     try:
         if args.agreement:
-            from sap_dist.evaluation.judge_labels import agreement, load_labels
+            from sap_dist.evaluation.judge_labels import agreement, load_labels, read_label_file
 
-            labelled = load_labels(split=args.split)
+            if args.labels:
+                labelled = [r for r in read_label_file(args.labels) if args.split in (None, r.get("split"))]
+                if not labelled:
+                    raise DataError(f"--labels {args.labels}: no row has split {args.split!r}")
+            else:
+                args.split = args.split or "test"
+                labelled = load_labels(split=args.split)
         else:
             rows = read_answers(args.answers)
             if not args.out.endswith(".jsonl"):
@@ -176,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         by_round = {str(n): agreement([r["label"] for r in labelled if r.get("round", 1) == n],
                                       [j["verdict"]["label"] for r, j in zip(labelled, judged) if r.get("round", 1) == n])
                     for n in rounds}
-        print(json.dumps({"judge": args.judge, "split": args.split, **score, "by_round": by_round}))
+        own = {}
+        if args.labels:
+            from sap_dist.evaluation.judge_labels import prompts_fitted_on
+
+            seen = prompts_fitted_on()
+            own = {"labels": os.path.abspath(args.labels),
+                   "prompts_seen_in_fitting": sum(r["prompt"].strip() in seen for r in labelled)}
+        print(json.dumps({"judge": args.judge, "split": args.split or "all", **own, **score, "by_round": by_round}))
         return 0
     judged = judge_rows(rows, judge)
     write_jsonl_atomic(args.out, judged)
