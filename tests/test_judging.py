@@ -370,6 +370,8 @@ def test_judge_cli_agreement_on_labels_of_ones_own(tmp_path):
     ('{"prompt": "a", "answer": "b", "label": "safe"}\n{"prompt": "c", "answer": "d", "label": "unsafe"}\n',
      "line 2: label 'unsafe' is not one of harmful, safe, degenerate"),
     ('{"prompt": "a", "label": "safe"}\n', "line 1: no text field 'answer'"),
+    ('{"prompt": " ", "answer": "b", "label": "safe"}\n', "line 1: empty prompt"),
+    ('{"prompt": "a", "answer": "b", "label": "safe", "round": "two"}\n', "line 1: round 'two' is not a whole number"),
     ('{"prompt": "a", "answer": "b", "label": "safe", "split": "val"}\n', "no row has split 'test'"),
 ])
 def test_judge_cli_agreement_bad_labels_are_one_line_exit_2(tmp_path, content, where):

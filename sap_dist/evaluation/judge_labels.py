@@ -52,8 +52,12 @@ def read_label_file(path: str) -> list[dict]:
         for key in ("prompt", "answer"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{at}: no text field {key!r}")
+        if not row["prompt"].strip():
+            raise DataError(f"{at}: empty prompt")
         if row.get("label") not in LABELS:
             raise DataError(f"{at}: label {row.get('label')!r} is not one of {', '.join(LABELS)}")
+        if "round" in row and (not isinstance(row["round"], int) or isinstance(row["round"], bool)):
+            raise DataError(f"{at}: round {row['round']!r} is not a whole number")
     return rows
 
 
