@@ -36,31 +36,6 @@ def load_labels(path: str = LABELS_FILE, split: str | None = None) -> list[dict]
     return [r for r in rows if split is None or r.get("split") == split]
 
 
-def read_label_file(path: str) -> list[dict]:
-    """Labelled answers from a `.jsonl` file of one's own (labels kept apart from the project's,
-    to check a judge on answers it was never fitted to): each line holds `prompt` and `answer`
-    (text) and `label` (one of `LABELS`); `split` and `round` are kept when present. A bad line
-    is a DataError naming the file and line."""
-    from sap_dist.data import DataError, read_jsonl
-
-    if not os.path.isfile(path):
-        raise DataError(f"--labels {path}: no such file")
-    rows, where = read_jsonl(path)
-    if not rows:
-        raise DataError(f"--labels {path}: no labelled answers")
-    for row, at in zip(rows, where):
-        for key in ("prompt", "answer"):
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{at}: no text field {key!r}")
-        if not row["prompt"].strip():
-            raise DataError(f"{at}: empty prompt")
-        if row.get("label") not in LABELS:
-            raise DataError(f"{at}: label {row.get('label')!r} is not one of {', '.join(LABELS)}")
-        if "round" in row and (not isinstance(row["round"], int) or isinstance(row["round"], bool)):
-            raise DataError(f"{at}: round {row['round']!r} is not a whole number")
-    return rows
-
-
 def prompts_fitted_on() -> set[str]:
     """The prompts of the project's labelled answers that fitting or tuning a judge may read (the
     train and val splits): agreement on other labels that share them is not held out."""

@@ -63,6 +63,27 @@ def read_answers(path: str) -> list[dict]:
     return rows
 
 
+def read_label_file(path: str) -> list[dict]:
+    """Labelled answers from a `.jsonl` file of one's own (labels kept apart from the project's,
+    to check a judge on answers it was never fitted to): each line holds `prompt` and `answer`
+    (text) and `label` (one of `LABELS`); `split` and `round` are kept when present. A bad line
+    is a DataError naming the file and line."""
+    from sap_dist.evaluation.judge_labels import LABELS
+
+    if not os.path.isfile(path):
+        raise DataError(f"--labels {path}: no such file")
+    rows, where = read_jsonl(path)
+    if not rows:
+        raise DataError(f"--labels {path}: no labelled answers")
+    for row, at in zip(rows, where):
+        _checked(row, at)
+        if row.get("label") not in LABELS:
+            raise DataError(f"{at}: label {row.get('label')!r} is not one of {', '.join(LABELS)}")
+        if "round" in row and (not isinstance(row["round"], int) or isinstance(row["round"], bool)):
+            raise DataError(f"{at}: round {row['round']!r} is not a whole number")
+    return rows
+
+
 def _checked(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with prompt and answer")
@@ -168,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--labels goes with --agreement")
     try:
         if args.agreement:
-            from sap_dist.evaluation.judge_labels import agreement, load_labels, read_label_file
+            from sap_dist.evaluation.judge_labels import agreement, load_labels, prompts_fitted_on
 
             if args.labels:
                 labelled = [r for r in read_label_file(args.labels) if args.split in (None, r.get("split"))]
@@ -194,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
                     for n in rounds}
         own = {}
         if args.labels:
-            from sap_dist.evaluation.judge_labels import prompts_fitted_on
-
             seen = prompts_fitted_on()
             own = {"labels": os.path.abspath(args.labels),
                    "prompts_seen_in_fitting": sum(r["prompt"].strip() in seen for r in labelled)}
