@@ -181,6 +181,11 @@ def test_variants_of_a_method_run_side_by_side_in_one_experiment(tmp_path, monke
     assert results["methods"]["poisoned/kl2"]["harmful_below_sft_curve"] is not None
 
 
+def untimed(figures: dict) -> dict:
+    """`figures` without its judging and training times (clock readings, not figures)."""
+    return {k: v for k, v in figures.items() if not (k.startswith("eval_time") or k.endswith("time_s"))}
+
+
 def untimed_table(markdown: str) -> str:
     """The experiment's table text without its train-time column (clock readings, not figures)."""
     lines, drop = [], None
@@ -211,20 +216,17 @@ def test_runs_side_by_side_give_what_runs_one_after_another_give(tmp_path, monke
 
     from sap_dist.metrics import read_metrics
 
-    def untimed(points):  # a curve point's judging time is a clock reading, not a figure
-        return [{k: v for k, v in p.items() if k != "eval_time_s"} for p in points or []]
-
     def figures(results):  # every judged figure, and the task loss of every step
         return {k: [{m: r.get(m) for m in ("seed", "harmful_score", "harmful_score_independent", "task_accuracy",
                                            "over_refusal")}
-                    | {"curve": untimed(r.get("curve")),
+                    | {"curve": [untimed(p) for p in r.get("curve") or []],
                        "losses": [row.get("task_loss") for row in read_metrics(os.path.dirname(r["metrics"]))]}
                     for r in g["runs"]]
                 for k, g in results["methods"].items()}
 
     assert figures(two) == figures(one)
     assert [r["seed"] for r in two["methods"]["poisoned/sft"]["runs"]] == [0, 1]
-    assert untimed(two["sft_curve"]["points"]) == untimed(one["sft_curve"]["points"])
+    assert [untimed(p) for p in two["sft_curve"]["points"]] == [untimed(p) for p in one["sft_curve"]["points"]]
     assert two["sft_curve"]["mean"] == one["sft_curve"]["mean"]
     assert untimed_table(two["table_markdown"]) == untimed_table(one["table_markdown"])
     # a second time, every run is reused from the workers' eval.json
@@ -717,9 +719,6 @@ def test_the_base_model_judged_beside_the_alignment_gets_the_same_verdicts(tmp_p
     beside = align.align(s, str(tmp_path / "beside"))
     monkeypatch.setattr(align, "_spare_cores", lambda s: False)
     in_turn = align.align(s, str(tmp_path / "in_turn"))
-    def untimed(d):  # judging times are clock readings, not figures
-        return {k: v for k, v in d.items() if not (k.startswith("eval_time") or k.endswith("time_s"))}
-
     assert untimed(beside["base"]) == untimed(in_turn["base"]) and beside["base"]["n_prompts"] == 3
     assert untimed(beside["aligned"]) == untimed(in_turn["aligned"])
     for name in ("base_eval.json", "aligned_eval.json"):
